@@ -1,0 +1,69 @@
+"""Preparation group: labelled trajectories and the NASA reference test fleet."""
+
+
+import numpy as np
+from dagster import AssetExecutionContext, Config, MaterializeResult, asset
+from dagster_duckdb import DuckDBResource
+
+from turbofan_assets.resources import CmapssFiles
+from turbofan_assets.warehouse import ensure_schema
+from turbofan_core.labels import DEFAULT_RUL_CAP, label_rul
+from turbofan_core.telemetry import MEASUREMENTS
+
+GROUP = "preparation"
+TEST_FILE = "test_FD001.txt"
+TRUE_RUL_FILE = "RUL_FD001.txt"
+
+
+class LabelConfig(Config):
+    rul_cap: int = DEFAULT_RUL_CAP
+    """Cycles: earlier in life the RUL target is held at the cap (piecewise-linear RUL)."""
+
+
+@asset(group_name=GROUP, deps=["raw_telemetry", "failure_events"])
+def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: DuckDBResource):
+    """RUL for every cycle of every engine lifetime that ended in a failure event.
+
+    Lifetimes with no failure event yet are censored: counted here, never labelled.
+    """
+    with warehouse.get_connection() as conn:
+        ensure_schema(conn)
+        telemetry = conn.execute("SELECT device_id, lifetime, CycleTime FROM telemetry").df()
+        failures = conn.execute("SELECT device_id, lifetime, CycleTime FROM failure_events").df()
+        labels = label_rul(telemetry, failures, cap=config.rul_cap)
+        conn.register("new_labels", labels)
+        conn.execute("CREATE OR REPLACE TABLE rul_labels AS SELECT * FROM new_labels")
+        conn.unregister("new_labels")
+    trajectories = telemetry.groupby(["device_id", "lifetime"]).ngroups
+    labelled = labels.groupby(["device_id", "lifetime"]).ngroups if len(labels) else 0
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": len(labels),
+            "labelled_trajectories": labelled,
+            "censored_trajectories": trajectories - labelled,
+            "rul_cap": config.rul_cap,
+        }
+    )
+
+
+@asset(group_name=GROUP)
+def reference_test_fleet(cmapss: CmapssFiles, warehouse: DuckDBResource):
+    """NASA's FD001 test engines with their true RUL at every cycle: the benchmark, never training data.
+
+    Engines are keyed like devices (`Test_001`, lifetime 1) so the same feature code applies.
+    """
+    fleet = cmapss.trajectories(TEST_FILE)
+    true_end = cmapss.true_rul(TRUE_RUL_FILE)
+    last_cycle = fleet.groupby("unit")["CycleTime"].transform("max")
+    fleet["rul"] = (fleet["unit"].map(true_end) + last_cycle - fleet["CycleTime"]).astype(np.int64)
+    fleet["is_last_cycle"] = fleet["CycleTime"] == last_cycle
+    fleet["device_id"] = fleet["unit"].map(lambda unit: f"Test_{unit:03d}")
+    fleet["lifetime"] = 1
+    table = fleet[["device_id", "lifetime", "CycleTime", *MEASUREMENTS, "rul", "is_last_cycle"]]
+    with warehouse.get_connection() as conn:
+        conn.register("fleet", table)
+        conn.execute("CREATE OR REPLACE TABLE reference_test_fleet AS SELECT * FROM fleet")
+        conn.unregister("fleet")
+    return MaterializeResult(
+        metadata={"dagster/row_count": len(table), "engines": int(fleet["unit"].nunique())}
+    )

@@ -1,0 +1,1 @@
+"""The contract every part shares: no Dagster or web imports here."""

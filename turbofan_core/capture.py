@@ -1,0 +1,181 @@
+"""IoT Hub message-routing capture files: the landing zone's format.
+
+IoT Hub routing to Blob storage writes Avro container files whose records follow
+`Microsoft.Azure.Devices.Message`, named `{hub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}`.
+With JSON encoding it writes one JSON record per line, `Body` base64-encoded (or, for
+`application/json` + `utf-8` messages, the JSON body itself). Both are read here so the
+pipeline can be pointed at a real hub's container.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import fastavro
+import orjson
+
+AVRO_SCHEMA: dict = {
+    "type": "record",
+    "name": "Message",
+    "namespace": "Microsoft.Azure.Devices",
+    "fields": [
+        {"name": "EnqueuedTimeUtc", "type": "string"},
+        {"name": "Properties", "type": {"type": "map", "values": "string"}},
+        {"name": "SystemProperties", "type": {"type": "map", "values": "string"}},
+        {"name": "Body", "type": ["null", "bytes"]},
+    ],
+}
+_PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
+AVRO_MAGIC = b"Obj\x01"
+DEVICE_ID = "connectionDeviceId"
+DEFAULT_PARTITIONS = 4
+
+
+class CorruptCaptureFile(ValueError):
+    """A capture file that cannot be read whole (truncated, or not Avro nor JSON lines)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRecord:
+    """One routed message, as IoT Hub writes it."""
+
+    enqueued_time_utc: str
+    body: bytes | None
+    properties: dict[str, str] = field(default_factory=dict)
+    system_properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device_id(self) -> str | None:
+        return self.system_properties.get(DEVICE_ID)
+
+
+def format_enqueued_time(when: datetime) -> str:
+    """IoT Hub's EnqueuedTimeUtc text: ISO 8601 with seven fractional digits and Z."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
+
+
+def device_message(device_id: str, body: bytes, when: datetime, properties: dict[str, str]) -> CaptureRecord:
+    """The record IoT Hub routes for a JSON message sent by an authenticated device."""
+    return CaptureRecord(
+        enqueued_time_utc=format_enqueued_time(when),
+        body=body,
+        properties=dict(properties),
+        system_properties={
+            DEVICE_ID: device_id,
+            "connectionAuthMethod": '{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}',
+            "connectionDeviceGenerationId": "0",
+            "contentType": "application/json",
+            "contentEncoding": "utf-8",
+            "enqueuedTime": format_enqueued_time(when),
+        },
+    )
+
+
+def partition_of(device_id: str, partitions: int = DEFAULT_PARTITIONS) -> int:
+    """A device's messages always go to one partition, so their order is kept."""
+    return zlib.crc32(device_id.encode()) % partitions
+
+
+def capture_name(hub: str, partition: int, when: datetime) -> str:
+    """IoT Hub's default routing file name for a partition's batch starting at `when`."""
+    return f"{hub}/{partition:02d}/{when.astimezone(UTC):%Y/%m/%d/%H/%M}"
+
+
+def encode_avro(records: Iterable[CaptureRecord], codec: str = "deflate") -> bytes:
+    buffer = io.BytesIO()
+    fastavro.writer(
+        buffer,
+        _PARSED_SCHEMA,
+        (
+            {
+                "EnqueuedTimeUtc": r.enqueued_time_utc,
+                "Properties": r.properties,
+                "SystemProperties": r.system_properties,
+                "Body": r.body,
+            }
+            for r in records
+        ),
+        codec=codec,
+    )
+    return buffer.getvalue()
+
+
+def encode_json_lines(records: Iterable[CaptureRecord]) -> bytes:
+    """JSON encoding as IoT Hub writes it: Body base64, one record per line."""
+    return b"".join(
+        orjson.dumps(
+            {
+                "EnqueuedTimeUtc": r.enqueued_time_utc,
+                "Properties": r.properties,
+                "SystemProperties": r.system_properties,
+                "Body": None if r.body is None else base64.b64encode(r.body).decode("ascii"),
+            }
+        )
+        + b"\n"
+        for r in records
+    )
+
+
+def read_capture(data: bytes) -> list[CaptureRecord]:
+    """Read a whole capture file, Avro or JSON lines; raise CorruptCaptureFile if it is not whole.
+
+    All or nothing on purpose: a truncated file is reported and retried later rather
+    than half-ingested.
+    """
+    if data.startswith(AVRO_MAGIC):
+        return _read_avro(data)
+    return _read_json_lines(data)
+
+
+def _read_avro(data: bytes) -> list[CaptureRecord]:
+    try:
+        reader = fastavro.reader(io.BytesIO(data))
+        return [
+            CaptureRecord(
+                r["EnqueuedTimeUtc"],
+                r["Body"],
+                r["Properties"] or {},
+                r["SystemProperties"] or {},
+            )
+            for r in reader
+        ]
+    except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
+        raise CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}") from None
+
+
+def _json_body(body: object) -> bytes | None:
+    if body is None:
+        return None
+    if isinstance(body, str):
+        try:
+            return base64.b64decode(body, validate=True)
+        except ValueError:
+            return body.encode("utf-8")
+    return orjson.dumps(body)
+
+
+def _read_json_lines(data: bytes) -> list[CaptureRecord]:
+    records = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = orjson.loads(line)
+            records.append(
+                CaptureRecord(
+                    str(raw["EnqueuedTimeUtc"]),
+                    _json_body(raw.get("Body")),
+                    dict(raw.get("Properties") or {}),
+                    dict(raw.get("SystemProperties") or {}),
+                )
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise CorruptCaptureFile(
+                f"not an Avro file, and line {number} is not a JSON capture record: {error}"
+            ) from None
+    return records

@@ -1,0 +1,49 @@
+"""Engine lifetimes and remaining-useful-life labels.
+
+A device's messages belong to its current engine lifetime; a failure event closes it,
+and what the device sends next (CycleTime back at 1) belongs to a new engine. Only a
+lifetime closed by a failure event has a known end, so only those get RUL labels;
+the others are censored: scored, never trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_RUL_CAP = 125
+KEYS = ["device_id", "lifetime"]
+
+
+def assign_lifetimes(
+    device_ids: pd.Series, is_failure: pd.Series, closed_lifetimes: Mapping[str, int]
+) -> np.ndarray:
+    """Lifetime of each message, given in arrival order.
+
+    `closed_lifetimes` counts each device's failure events already recorded, so the
+    numbering carries on across incremental batches. A failure event belongs to the
+    lifetime it closes.
+    """
+    failures = is_failure.astype(np.int64)
+    earlier = failures.groupby(device_ids.values, sort=False).cumsum().to_numpy() - failures.to_numpy()
+    base = device_ids.map(lambda d: closed_lifetimes.get(d, 0)).to_numpy(dtype=np.int64)
+    return base + earlier + 1
+
+
+def label_rul(telemetry: pd.DataFrame, failures: pd.DataFrame, cap: int = DEFAULT_RUL_CAP) -> pd.DataFrame:
+    """RUL for every cycle of every lifetime that ended in a failure event.
+
+    telemetry: device_id, lifetime, CycleTime. failures: device_id, lifetime, CycleTime
+    (the last cycle). RUL = failure cycle - CycleTime, capped at `cap` because early in
+    life degradation is not visible and an uncapped target only teaches noise.
+    """
+    if cap < 1:
+        raise ValueError(f"RUL cap must be a positive number of cycles, got {cap}")
+    ends = failures[[*KEYS, "CycleTime"]].rename(columns={"CycleTime": "failure_cycle"})
+    ends = ends.drop_duplicates(KEYS, keep="first")
+    labelled = telemetry[[*KEYS, "CycleTime"]].merge(ends, on=KEYS, how="inner")
+    remaining = labelled["failure_cycle"] - labelled["CycleTime"]
+    labelled["rul"] = remaining.clip(lower=0, upper=cap).astype(np.int64)
+    return labelled.sort_values([*KEYS, "CycleTime"], ignore_index=True)

@@ -1,0 +1,144 @@
+"""The telemetry message contract: what a device sends, and why a message is refused.
+
+A telemetry body is a JSON object with `CycleTime` (positive integer) and the three
+operational settings and 21 sensors as finite numbers, sent with content type
+`application/json` and encoding `utf-8`. A failure event carries the property
+`type=failure` and the body `{"CycleTime": N}`. The device id is the IoT identity,
+never a body field. Unknown body fields are ignored so newer devices keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import orjson
+
+OPERATIONAL_SETTINGS: tuple[str, ...] = tuple(f"OperationalSetting{i}" for i in range(1, 4))
+SENSORS: tuple[str, ...] = tuple(f"Sensor{i}" for i in range(1, 22))
+MEASUREMENTS: tuple[str, ...] = OPERATIONAL_SETTINGS + SENSORS
+FIELDS: tuple[str, ...] = ("CycleTime", *MEASUREMENTS)
+
+CONTENT_TYPE = "application/json"
+CONTENT_ENCODING = "utf-8"
+TYPE_PROPERTY = "type"
+FAILURE = "failure"
+TELEMETRY = "telemetry"
+
+_NUMBER = (int, float)
+
+
+class InvalidMessage(ValueError):
+    """A message that breaks the contract; `reason` says which rule, for the quarantine."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A valid message: telemetry (all FIELDS) or a failure event (CycleTime only)."""
+
+    device_id: str
+    kind: str
+    cycle: int
+    measurements: tuple[float, ...]  # in MEASUREMENTS order; empty for a failure event
+
+
+def _cycle(body: Mapping[str, object]) -> int:
+    if "CycleTime" not in body:
+        raise InvalidMessage("missing field CycleTime")
+    cycle = body["CycleTime"]
+    if isinstance(cycle, bool) or not isinstance(cycle, _NUMBER):
+        raise InvalidMessage(f"CycleTime must be a positive integer, got {type(cycle).__name__} {cycle!r}")
+    if isinstance(cycle, float) and not cycle.is_integer() or cycle < 1:
+        raise InvalidMessage(f"CycleTime must be a positive integer, got {cycle!r}")
+    return int(cycle)
+
+
+def _measurements(body: Mapping[str, object]) -> tuple[float, ...]:
+    values = tuple(body.get(name) for name in MEASUREMENTS)
+    # Fast path: every value a finite float or int (bool is an int, so it is checked apart).
+    if all(type(v) is float or type(v) is int for v in values) and math.isfinite(sum(values)):
+        return tuple(float(v) for v in values)
+    for name, value in zip(MEASUREMENTS, values):
+        if name not in body:
+            raise InvalidMessage(f"missing field {name}")
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
+            raise InvalidMessage(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if math.isnan(value):
+            raise InvalidMessage(f"{name} is NaN")
+        if math.isinf(value):
+            raise InvalidMessage(f"{name} is infinite")
+    # The values are finite but their sum overflowed: they are all valid.
+    return tuple(float(v) for v in values)
+
+
+def _json_object(body: bytes | None) -> dict[str, object]:
+    if body is None or body == b"":
+        raise InvalidMessage("empty body")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson refuses NaN/Infinity literals; the standard parser reads them so the
+        # reason can name the field instead of blaming the whole body.
+        try:
+            parsed = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidMessage("body is not valid UTF-8") from None
+        except ValueError as error:
+            raise InvalidMessage(f"body is not JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidMessage(f"body is not a JSON object but a JSON {type(parsed).__name__}")
+    return parsed
+
+
+def parse_message(
+    body: bytes | None,
+    device_id: str | None,
+    properties: Mapping[str, str],
+    content_type: str | None = CONTENT_TYPE,
+    content_encoding: str | None = CONTENT_ENCODING,
+) -> Message:
+    """Validate one message as it arrived; raise InvalidMessage with a precise reason."""
+    if not device_id:
+        raise InvalidMessage("no device id (connectionDeviceId is missing)")
+    if content_type is not None and content_type.split(";")[0].strip().lower() != CONTENT_TYPE:
+        raise InvalidMessage(f"content type {content_type!r} is not {CONTENT_TYPE!r}")
+    if content_encoding is not None and content_encoding.strip().lower() not in ("utf-8", "utf8"):
+        raise InvalidMessage(f"content encoding {content_encoding!r} is not {CONTENT_ENCODING!r}")
+    kind = properties.get(TYPE_PROPERTY, TELEMETRY)
+    if kind not in (TELEMETRY, FAILURE):
+        raise InvalidMessage(f"unknown message type {kind!r} (expected {TELEMETRY!r} or {FAILURE!r})")
+    parsed = _json_object(body)
+    cycle = _cycle(parsed)
+    if kind == FAILURE:
+        return Message(device_id, FAILURE, cycle, ())
+    return Message(device_id, TELEMETRY, cycle, _measurements(parsed))
+
+
+def encode_body(values: Mapping[str, float | int]) -> bytes:
+    """Serialise a telemetry or failure body the way devices send it."""
+    return orjson.dumps({name: values[name] for name in FIELDS if name in values})
+
+
+# Physically possible values (C-MAPSS units: °R, psia, rpm, lbm/s), wide enough for every
+# flight condition of the six C-MAPSS subsets; a value outside means a broken sensor or feed.
+PHYSICAL_RANGES: dict[str, tuple[float, float]] = {
+    "OperationalSetting1": (-0.1, 45.0),  # altitude, kft (near 0 in FD001, normalised)
+    "OperationalSetting2": (-0.1, 1.0),  # Mach number
+    "OperationalSetting3": (0.0, 110.0),  # throttle resolver angle, %
+    **{s: (300.0, 3000.0) for s in ("Sensor1", "Sensor2", "Sensor3", "Sensor4")},  # temperatures
+    **{s: (0.0, 1000.0) for s in ("Sensor5", "Sensor6", "Sensor7", "Sensor11")},  # pressures
+    **{s: (0.0, 20000.0) for s in ("Sensor8", "Sensor9", "Sensor13", "Sensor14", "Sensor18", "Sensor19")},
+    "Sensor10": (0.5, 3.0),  # engine pressure ratio
+    "Sensor12": (0.0, 1000.0),  # fuel flow / Ps30
+    "Sensor15": (0.0, 20.0),  # bypass ratio
+    "Sensor16": (0.0, 0.1),  # burner fuel-air ratio
+    "Sensor17": (0.0, 1000.0),  # bleed enthalpy
+    "Sensor20": (0.0, 200.0),  # HPT coolant bleed
+    "Sensor21": (0.0, 200.0),  # LPT coolant bleed
+}
