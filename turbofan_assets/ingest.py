@@ -18,11 +18,11 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from turbofan_assets.warehouse import ensure_schema
 from turbofan_core.capture import DEVICE_ID, CorruptCaptureFile, read_capture
 from turbofan_core.labels import assign_lifetimes
 from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, parse_message
-from turbofan_assets.warehouse import ensure_schema
 
 BATCH_RECORDS = 200_000
 _NO_MEASUREMENTS = (np.nan,) * len(MEASUREMENTS)

@@ -34,6 +34,7 @@ _PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
 AVRO_MAGIC = b"Obj\x01"
 DEVICE_ID = "connectionDeviceId"
 DEFAULT_PARTITIONS = 4
+_SAS_AUTH = '{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}'
 
 
 class CorruptCaptureFile(ValueError):
@@ -67,7 +68,7 @@ def device_message(device_id: str, body: bytes, when: datetime, properties: dict
         properties=dict(properties),
         system_properties={
             DEVICE_ID: device_id,
-            "connectionAuthMethod": '{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}',
+            "connectionAuthMethod": _SAS_AUTH,
             "connectionDeviceGenerationId": "0",
             "contentType": "application/json",
             "contentEncoding": "utf-8",

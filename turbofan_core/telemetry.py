@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import orjson
 
@@ -64,7 +64,7 @@ def _measurements(body: Mapping[str, object]) -> tuple[float, ...]:
     # Fast path: every value a finite float or int (bool is an int, so it is checked apart).
     if all(type(v) is float or type(v) is int for v in values) and math.isfinite(sum(values)):
         return tuple(float(v) for v in values)
-    for name, value in zip(MEASUREMENTS, values):
+    for name, value in zip(MEASUREMENTS, values, strict=True):
         if name not in body:
             raise InvalidMessage(f"missing field {name}")
         if isinstance(value, bool) or not isinstance(value, _NUMBER):

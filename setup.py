@@ -1,0 +1,41 @@
+"""One installable package set with the `turbofan` console command.
+
+Runtime requirements come from requirements.in (the human-edited list); the exact versions the
+project is tested with are pinned in requirements.lock, which `make install` installs first.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements(path: Path) -> list[str]:
+    """Requirement lines of a pip requirements file, without comments or blank lines."""
+    requirements = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line and not line.startswith(("#", "-")):
+            requirements.append(line)
+    return requirements
+
+
+setup(
+    name="turbofan",
+    version="0.1.0",
+    description="Turbofan predictive maintenance: simulator, edge module and Dagster pipeline",
+    python_requires=">=3.11",
+    packages=find_packages(
+        include=[
+            "turbofan_core*",
+            "turbofan_assets*",
+            "simulator*",
+            "turbofan_cli*",
+            "edge_module*",
+        ]
+    ),
+    include_package_data=True,
+    install_requires=read_requirements(HERE / "requirements.in"),
+    entry_points={"console_scripts": ["turbofan=turbofan_cli.main:main"]},
+)

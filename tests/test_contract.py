@@ -1,0 +1,160 @@
+"""The shared contract: every rejection reason, the capture codec, immutable stores."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import fastavro
+import pytest
+
+from turbofan_core.capture import (
+    AVRO_SCHEMA,
+    CaptureRecord,
+    CorruptCaptureFile,
+    capture_name,
+    device_message,
+    encode_avro,
+    encode_json_lines,
+    partition_of,
+    read_capture,
+)
+from turbofan_core.storage import LocalStore, NameTaken, write_new
+from turbofan_core.telemetry import (
+    FAILURE,
+    FIELDS,
+    MEASUREMENTS,
+    InvalidMessage,
+    encode_body,
+    parse_message,
+)
+
+GOOD = {"CycleTime": 17, **{name: 1.0 + i for i, name in enumerate(MEASUREMENTS)}}
+WHEN = datetime(2026, 11, 27, 19, 5, 42, 123456, tzinfo=UTC)
+
+
+def body(**changes: object) -> bytes:
+    values = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in values.items() if v is not ...}).encode()
+
+
+def test_valid_telemetry_and_failure_event() -> None:
+    message = parse_message(encode_body(GOOD), "Client_001", {})
+    assert (message.device_id, message.kind, message.cycle) == ("Client_001", "telemetry", 17)
+    assert message.measurements == tuple(GOOD[name] for name in MEASUREMENTS)
+    failure = parse_message(b'{"CycleTime": 192}', "Client_001", {"type": FAILURE})
+    assert (failure.kind, failure.cycle, failure.measurements) == (FAILURE, 192, ())
+
+
+def test_integral_float_cycle_and_unknown_fields_are_accepted() -> None:
+    message = parse_message(body(CycleTime=17.0, Firmware="1.2"), "Client_001", {})
+    assert message.cycle == 17
+
+
+@pytest.mark.parametrize(
+    ("raw", "device", "properties", "content_type", "encoding", "reason"),
+    [
+        (body(), None, {}, "application/json", "utf-8", "no device id (connectionDeviceId is missing)"),
+        (body(), "", {}, "application/json", "utf-8", "no device id (connectionDeviceId is missing)"),
+        (body(), "C1", {}, "text/plain", "utf-8", "content type 'text/plain' is not 'application/json'"),
+        (body(), "C1", {}, "application/json", "utf-16", "content encoding 'utf-16' is not 'utf-8'"),
+        (body(), "C1", {"type": "reboot"}, None, None, "unknown message type 'reboot'"),
+        (None, "C1", {}, None, None, "empty body"),
+        (b"", "C1", {}, None, None, "empty body"),
+        (b"\xff\xfe{}", "C1", {}, None, None, "body is not valid UTF-8"),
+        (b'{"CycleTime": 1,', "C1", {}, None, None, "body is not JSON"),
+        (b"[1, 2]", "C1", {}, None, None, "body is not a JSON object but a JSON list"),
+        (body(CycleTime=...), "C1", {}, None, None, "missing field CycleTime"),
+        (body(Sensor7=...), "C1", {}, None, None, "missing field Sensor7"),
+        (body(Sensor7="553.2"), "C1", {}, None, None, "Sensor7 must be a number, got str '553.2'"),
+        (body(Sensor7=None), "C1", {}, None, None, "Sensor7 must be a number, got NoneType None"),
+        (body(Sensor7=True), "C1", {}, None, None, "Sensor7 must be a number, got bool True"),
+        (body(Sensor7=float("nan")), "C1", {}, None, None, "Sensor7 is NaN"),
+        (body(Sensor7=float("inf")), "C1", {}, None, None, "Sensor7 is infinite"),
+        (body(OperationalSetting2=float("-inf")), "C1", {}, None, None, "OperationalSetting2 is infinite"),
+        (body(CycleTime=0), "C1", {}, None, None, "CycleTime must be a positive integer, got 0"),
+        (body(CycleTime=-3), "C1", {}, None, None, "CycleTime must be a positive integer, got -3"),
+        (body(CycleTime=2.5), "C1", {}, None, None, "CycleTime must be a positive integer, got 2.5"),
+        (body(CycleTime="7"), "C1", {}, None, None, "CycleTime must be a positive integer, got str '7'"),
+        (b'{"Cycle": 3}', "C1", {"type": FAILURE}, None, None, "missing field CycleTime"),
+    ],
+)
+def test_every_rejection_has_a_precise_reason(
+    raw: bytes | None,
+    device: str | None,
+    properties: dict[str, str],
+    content_type: str | None,
+    encoding: str | None,
+    reason: str,
+) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        parse_message(raw, device, properties, content_type, encoding)
+    assert caught.value.reason.startswith(reason)
+
+
+def test_encode_body_keeps_contract_names_and_order() -> None:
+    assert list(json.loads(encode_body({**GOOD, "Extra": 1}))) == list(FIELDS)
+
+
+def records() -> list[CaptureRecord]:
+    return [
+        device_message("Client_001", encode_body(GOOD), WHEN, {}),
+        device_message("Client_001", b'{"CycleTime": 17}', WHEN, {"type": FAILURE}),
+        CaptureRecord("2026-11-27T19:05:42.0000000Z", None, {}, {}),
+    ]
+
+
+def test_avro_uses_iot_hub_routing_schema_and_round_trips() -> None:
+    data = encode_avro(records())
+    reader = fastavro.reader(io.BytesIO(data))
+    assert reader.writer_schema == {
+        "type": "record",
+        "name": "Microsoft.Azure.Devices.Message",
+        "fields": AVRO_SCHEMA["fields"],
+    }
+    assert read_capture(data) == records()
+    first = read_capture(data)[0]
+    assert first.device_id == "Client_001"
+    assert first.enqueued_time_utc == "2026-11-27T19:05:42.1234560Z"
+    assert first.system_properties["contentType"] == "application/json"
+
+
+def test_json_lines_round_trip_and_plain_json_bodies() -> None:
+    assert read_capture(encode_json_lines(records())) == records()
+    # IoT Hub writes application/json + utf-8 bodies as JSON, not base64.
+    line = {"EnqueuedTimeUtc": "t", "Properties": {}, "SystemProperties": {}, "Body": {"CycleTime": 3}}
+    assert read_capture(json.dumps(line).encode())[0].body == b'{"CycleTime":3}'
+    encoded = {**line, "Body": base64.b64encode(b'{"CycleTime": 4}').decode()}
+    assert read_capture(json.dumps(encoded).encode())[0].body == b'{"CycleTime": 4}'
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.95])
+def test_truncated_avro_is_refused_whole(cut: float) -> None:
+    data = encode_avro(records() * 500)
+    with pytest.raises(CorruptCaptureFile):
+        read_capture(data[: int(len(data) * cut)])
+
+
+def test_garbage_and_broken_json_lines_are_refused() -> None:
+    with pytest.raises(CorruptCaptureFile, match="line 2"):
+        read_capture(encode_json_lines(records()[:1]) + b'{"EnqueuedTimeUtc": "t", "Bo')
+
+
+def test_capture_names_and_partitions() -> None:
+    assert capture_name("hub", 3, WHEN) == "hub/03/2026/11/27/19/05"
+    assert partition_of("Client_001") == partition_of("Client_001")
+    assert {partition_of(f"Client_{i:03d}") for i in range(1, 101)} == {0, 1, 2, 3}
+
+
+def test_local_store_never_overwrites_and_hides_staging(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    assert write_new(store, "hub/00/x", b"one") == "hub/00/x"
+    assert write_new(store, "hub/00/x", b"two") == "hub/00/x-0001"
+    with pytest.raises(NameTaken):
+        store.create("hub/00/x", b"three")
+    assert store.read("hub/00/x") == b"one"
+    assert list(store.list_names()) == ["hub/00/x", "hub/00/x-0001"]
+    assert list(store.list_names("hub/01")) == []
