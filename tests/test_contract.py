@@ -22,6 +22,7 @@ from turbofan_core.capture import (
     partition_of,
     read_capture,
 )
+from turbofan_core.cmapss import ChecksumMismatch, read_cmapss, read_true_rul, verify
 from turbofan_core.storage import LocalStore, NameTaken, write_new
 from turbofan_core.telemetry import (
     FAILURE,
@@ -158,3 +159,18 @@ def test_local_store_never_overwrites_and_hides_staging(tmp_path: Path) -> None:
     assert store.read("hub/00/x") == b"one"
     assert list(store.list_names()) == ["hub/00/x", "hub/00/x-0001"]
     assert list(store.list_names("hub/01")) == []
+
+
+def test_cmapss_reader_and_checksums(cmapss_dir: Path, tmp_path: Path) -> None:
+    train = read_cmapss(cmapss_dir / "train_FD001.txt")
+    assert train.shape == (20_631, 26) and list(train.columns[2:]) == list(MEASUREMENTS)
+    assert train.groupby("unit")["CycleTime"].max().loc[1] == 192
+    assert read_true_rul(cmapss_dir / "RUL_FD001.txt").loc[1] == 112
+    verify(cmapss_dir / "train_FD001.txt")
+    for columns in (25, 27):
+        bad = tmp_path / "train_FD001.txt"
+        bad.write_text(" ".join(["1"] * columns) + "\n")
+        with pytest.raises(ValueError, match="expected 26 columns"):
+            read_cmapss(bad)
+    with pytest.raises(ChecksumMismatch, match="is not the published"):
+        verify(bad)

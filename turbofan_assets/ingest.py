@@ -10,22 +10,26 @@ stays bounded whatever the landing zone's size.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
-import orjson
 import pandas as pd
 
+from turbofan_assets.parsing import ParsedFile, parse_file
 from turbofan_assets.warehouse import ensure_schema
-from turbofan_core.capture import DEVICE_ID, CorruptCaptureFile, read_capture
+from turbofan_core.capture import CorruptCaptureFile
 from turbofan_core.labels import assign_lifetimes
 from turbofan_core.storage import ObjectStore
-from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, parse_message
+from turbofan_core.telemetry import MEASUREMENTS
 
 BATCH_RECORDS = 200_000
-_NO_MEASUREMENTS = (np.nan,) * len(MEASUREMENTS)
 
 
 @dataclass
@@ -41,79 +45,25 @@ class IngestReport:
         return self.telemetry + self.failure_events + self.quarantined
 
 
-@dataclass
-class _Batch:
-    """Rows parsed from a run of files, not yet written."""
+def _messages_frame(files: list[ParsedFile], closed_lifetimes: dict[str, int]) -> pd.DataFrame:
+    """Valid messages of a batch in arrival order, with their engine lifetime."""
 
-    files: list[tuple[str, int, int, int, int]] = field(default_factory=list)
-    devices: list[str] = field(default_factory=list)
-    failure: list[bool] = field(default_factory=list)
-    cycles: list[int] = field(default_factory=list)
-    measurements: list[tuple[float, ...]] = field(default_factory=list)
-    times: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    quarantine: list[tuple] = field(default_factory=list)
+    def column(attribute: str) -> list:
+        return [value for parsed in files for value in getattr(parsed, attribute)]
 
-    @property
-    def records(self) -> int:
-        return len(self.devices) + len(self.quarantine)
-
-    def add_file(self, name: str, data: bytes) -> None:
-        """Parse a whole file; raises CorruptCaptureFile before adding anything."""
-        records = read_capture(data)
-        valid = failures = quarantined = 0
-        for position, record in enumerate(records):
-            system = record.system_properties
-            try:
-                message = parse_message(
-                    record.body,
-                    system.get(DEVICE_ID),
-                    record.properties,
-                    system.get("contentType"),
-                    system.get("contentEncoding"),
-                )
-            except InvalidMessage as error:
-                self.quarantine.append(
-                    (
-                        name,
-                        position,
-                        system.get(DEVICE_ID),
-                        record.enqueued_time_utc,
-                        orjson.dumps(record.properties).decode(),
-                        record.body,
-                        error.reason,
-                    )
-                )
-                quarantined += 1
-                continue
-            is_failure = message.kind == FAILURE
-            self.devices.append(message.device_id)
-            self.failure.append(is_failure)
-            self.cycles.append(message.cycle)
-            self.measurements.append(_NO_MEASUREMENTS if is_failure else message.measurements)
-            self.times.append(record.enqueued_time_utc)
-            self.sources.append(name)
-            self.positions.append(position)
-            failures += is_failure
-            valid += 1
-        self.files.append((name, len(records), valid - failures, failures, quarantined))
-
-    def frame(self, closed_lifetimes: dict[str, int]) -> pd.DataFrame:
-        """Valid messages in arrival order, with their engine lifetime."""
-        frame = pd.DataFrame(
-            np.array(self.measurements, dtype=np.float64).reshape(-1, len(MEASUREMENTS)),
-            columns=list(MEASUREMENTS),
-        )
-        frame.insert(0, "device_id", pd.Series(self.devices, dtype=object))
-        frame.insert(1, "CycleTime", np.array(self.cycles, dtype=np.int64))
-        frame["enqueued_time_utc"] = pd.Series(self.times, dtype=object)
-        frame["source_file"] = pd.Series(self.sources, dtype=object)
-        frame["position"] = np.array(self.positions, dtype=np.int64)
-        is_failure = pd.Series(self.failure, dtype=bool)
-        frame.insert(1, "lifetime", assign_lifetimes(frame["device_id"], is_failure, closed_lifetimes))
-        frame["is_failure"] = is_failure
-        return frame
+    frame = pd.DataFrame(
+        np.array(column("measurements"), dtype=np.float64).reshape(-1, len(MEASUREMENTS)),
+        columns=list(MEASUREMENTS),
+    )
+    frame.insert(0, "device_id", pd.Series(column("devices"), dtype=object))
+    frame.insert(1, "CycleTime", np.array(column("cycles"), dtype=np.int64))
+    frame["enqueued_time_utc"] = pd.Series(column("times"), dtype=object)
+    frame["source_file"] = pd.Series([p.name for p in files for _ in p.devices], dtype=object)
+    frame["position"] = np.array(column("positions"), dtype=np.int64)
+    is_failure = pd.Series(column("failure"), dtype=bool)
+    frame.insert(1, "lifetime", assign_lifetimes(frame["device_id"], is_failure, closed_lifetimes))
+    frame["is_failure"] = is_failure
+    return frame
 
 
 def _closed_lifetimes(conn: duckdb.DuckDBPyConnection, devices: set[str]) -> dict[str, int]:
@@ -133,12 +83,13 @@ _TELEMETRY_COLUMNS = ", ".join(
 _FAILURE_COLUMNS = "device_id, lifetime, CycleTime, enqueued_time_utc, source_file, position"
 
 
-def _write(conn: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
+def _write(conn: duckdb.DuckDBPyConnection, files: list[ParsedFile]) -> None:
     """Write a batch and mark its files ingested, all in one transaction."""
     now = datetime.now(UTC).replace(tzinfo=None)
+    devices = {device for parsed in files for device in parsed.devices}
     conn.execute("BEGIN TRANSACTION")
     try:
-        conn.register("batch_messages", batch.frame(_closed_lifetimes(conn, set(batch.devices))))
+        conn.register("batch_messages", _messages_frame(files, _closed_lifetimes(conn, devices)))
         conn.execute(
             f"INSERT INTO telemetry SELECT {_TELEMETRY_COLUMNS} FROM batch_messages WHERE NOT is_failure"
         )
@@ -146,14 +97,12 @@ def _write(conn: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
             f"INSERT INTO failure_events SELECT {_FAILURE_COLUMNS} FROM batch_messages WHERE is_failure"
         )
         conn.unregister("batch_messages")
-        if batch.quarantine:
-            conn.executemany(
-                "INSERT INTO telemetry_quarantine VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*row, now) for row in batch.quarantine],
-            )
+        quarantine = [(*row, now) for parsed in files for row in parsed.quarantine]
+        if quarantine:
+            conn.executemany("INSERT INTO telemetry_quarantine VALUES (?, ?, ?, ?, ?, ?, ?, ?)", quarantine)
         conn.executemany(
             "INSERT INTO ingested_files VALUES (?, ?, ?, ?, ?, ?)",
-            [(name, now, *counts) for name, *counts in batch.files],
+            [(name, now, *counts) for name, *counts in (parsed.ledger_row() for parsed in files)],
         )
         conn.execute("COMMIT")
     except BaseException:
@@ -168,36 +117,63 @@ def pending_files(store: ObjectStore, conn: duckdb.DuckDBPyConnection) -> list[s
     return [name for name in store.list_names() if name not in done]
 
 
+def _parsed_in_order(
+    store: ObjectStore, names: list[str], workers: int
+) -> Iterator[tuple[str, ParsedFile | CorruptCaptureFile]]:
+    """Parse files in worker processes (decoding is CPU-bound) while keeping name order.
+
+    The main process reads the bytes, so any store works; at most two files per worker
+    are in flight, which bounds memory.
+    """
+    if workers <= 1 or len(names) <= 1:
+        yield from ((name, parse_file(name, store.read(name))) for name in names)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        in_flight: deque[tuple[str, Future]] = deque()
+        for name in names:
+            in_flight.append((name, pool.submit(parse_file, name, store.read(name))))
+            if len(in_flight) >= 2 * workers:
+                done, future = in_flight.popleft()
+                yield done, future.result()
+        for done, future in in_flight:
+            yield done, future.result()
+
+
 def ingest_new_files(
     store: ObjectStore,
     conn: duckdb.DuckDBPyConnection,
     log: logging.Logger | None = None,
     batch_records: int = BATCH_RECORDS,
+    workers: int | None = None,
 ) -> IngestReport:
     """Ingest every landing-zone file not yet in `ingested_files`."""
     log = log or logging.getLogger(__name__)
     report = IngestReport()
-    batch = _Batch()
+    batch: list[ParsedFile] = []
+    batch_size = 0
 
     def flush() -> None:
-        nonlocal batch
-        if batch.files:
+        nonlocal batch_size
+        batch_size = 0
+        if batch:
             _write(conn, batch)
-            for _, _, telemetry, failures, quarantined in batch.files:
+            for parsed in batch:
                 report.files += 1
-                report.telemetry += telemetry
-                report.failure_events += failures
-                report.quarantined += quarantined
-        batch = _Batch()
+                report.telemetry += parsed.telemetry
+                report.failure_events += parsed.failure_events
+                report.quarantined += len(parsed.quarantine)
+            batch.clear()
 
-    for name in pending_files(store, conn):
-        try:
-            batch.add_file(name, store.read(name))
-        except CorruptCaptureFile as error:
-            report.unreadable[name] = str(error)
-            log.warning("%s: not ingested, will retry on the next run: %s", name, error)
+    names = pending_files(store, conn)
+    workers = workers if workers is not None else os.cpu_count() or 1
+    for name, parsed in _parsed_in_order(store, names, workers):
+        if isinstance(parsed, CorruptCaptureFile):
+            report.unreadable[name] = str(parsed)
+            log.warning("%s: not ingested, will retry on the next run: %s", name, parsed)
             continue
-        if batch.records >= batch_records:
+        batch.append(parsed)
+        batch_size += parsed.records
+        if batch_size >= batch_records:
             flush()
     flush()
     return report

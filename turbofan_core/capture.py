@@ -62,8 +62,9 @@ def format_enqueued_time(when: datetime) -> str:
 
 def device_message(device_id: str, body: bytes, when: datetime, properties: dict[str, str]) -> CaptureRecord:
     """The record IoT Hub routes for a JSON message sent by an authenticated device."""
+    enqueued = format_enqueued_time(when)
     return CaptureRecord(
-        enqueued_time_utc=format_enqueued_time(when),
+        enqueued_time_utc=enqueued,
         body=body,
         properties=dict(properties),
         system_properties={
@@ -72,7 +73,7 @@ def device_message(device_id: str, body: bytes, when: datetime, properties: dict
             "connectionDeviceGenerationId": "0",
             "contentType": "application/json",
             "contentEncoding": "utf-8",
-            "enqueuedTime": format_enqueued_time(when),
+            "enqueuedTime": enqueued,
         },
     )
 

@@ -32,9 +32,10 @@ class ChecksumMismatch(ValueError):
 
 def read_cmapss(path: str | Path) -> pd.DataFrame:
     """Read a train or test file into a frame with `unit` and the contract's fields."""
-    frame = pd.read_csv(path, sep=r"\s+", header=None, names=list(COLUMNS), engine="c")
+    frame = pd.read_csv(path, sep=r"\s+", header=None, index_col=False, engine="c")
     if frame.shape[1] != len(COLUMNS) or frame.isna().any().any():
         raise ValueError(f"{path}: not a C-MAPSS file (expected {len(COLUMNS)} columns per row)")
+    frame.columns = list(COLUMNS)
     return frame.astype({UNIT: np.int64, "CycleTime": np.int64})
 
 
