@@ -34,7 +34,7 @@ help:
 	@echo "make test      ruff check + pytest (no tests collected counts as a failure)"
 	@echo "make lint      ruff check"
 	@echo "make bench     run the benchmarks in bench/"
-	@echo "make ui        dagster dev on workspace.yaml, DAGSTER_HOME=$(TURBOFAN_HOME)/dagster"
+	@echo "make ui        the Dagster UI on $(TURBOFAN_HOME) (turbofan ui)"
 	@echo "make clean     remove $(VENV), .tools, .turbofan and caches"
 
 $(PY):
@@ -74,7 +74,7 @@ bench: install
 	$(PY) bench/bench_model.py
 
 ui: install
-	DAGSTER_HOME="$(TURBOFAN_HOME)/dagster" $(VENV)/bin/dagster dev -w workspace.yaml
+	$(VENV)/bin/turbofan ui
 
 clean:
 	rm -rf $(VENV) .tools .turbofan .pytest_cache .ruff_cache build *.egg-info

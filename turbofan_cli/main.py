@@ -28,6 +28,8 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "simulate": Subcommand("turbofan_cli.simulate", "replay C-MAPSS engines as devices into a landing zone"),
     "data": Subcommand("turbofan_cli.data", "import, download or locate the NASA C-MAPSS files"),
+    "demo": Subcommand("turbofan_cli.demo", "replay FD001 and materialise every asset (embedded default)"),
+    "ui": Subcommand("turbofan_cli.ui", "open the Dagster UI on the embedded default's instance"),
 }
 
 
