@@ -47,20 +47,13 @@ class IngestReport:
 
 def _messages_frame(files: list[ParsedFile], closed_lifetimes: dict[str, int]) -> pd.DataFrame:
     """Valid messages of a batch in arrival order, with their engine lifetime."""
-
-    def column(attribute: str) -> list:
-        return [value for parsed in files for value in getattr(parsed, attribute)]
-
-    frame = pd.DataFrame(
-        np.array(column("measurements"), dtype=np.float64).reshape(-1, len(MEASUREMENTS)),
-        columns=list(MEASUREMENTS),
-    )
-    frame.insert(0, "device_id", pd.Series(column("devices"), dtype=object))
-    frame.insert(1, "CycleTime", np.array(column("cycles"), dtype=np.int64))
-    frame["enqueued_time_utc"] = pd.Series(column("times"), dtype=object)
-    frame["source_file"] = pd.Series([p.name for p in files for _ in p.devices], dtype=object)
-    frame["position"] = np.array(column("positions"), dtype=np.int64)
-    is_failure = pd.Series(column("failure"), dtype=bool)
+    frame = pd.DataFrame(np.concatenate([p.measurements for p in files]), columns=list(MEASUREMENTS))
+    frame.insert(0, "device_id", pd.Series([d for p in files for d in p.devices], dtype=object))
+    frame.insert(1, "CycleTime", np.concatenate([p.cycles for p in files]))
+    frame["enqueued_time_utc"] = pd.Series([t for p in files for t in p.times], dtype=object)
+    frame["source_file"] = np.repeat([p.name for p in files], [len(p.devices) for p in files]).astype(object)
+    frame["position"] = np.concatenate([p.positions for p in files])
+    is_failure = pd.Series(np.concatenate([p.failure for p in files]))
     frame.insert(1, "lifetime", assign_lifetimes(frame["device_id"], is_failure, closed_lifetimes))
     frame["is_failure"] = is_failure
     return frame

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -129,23 +129,19 @@ def read_capture(data: bytes) -> list[CaptureRecord]:
     All or nothing on purpose: a truncated file is reported and retried later rather
     than half-ingested.
     """
-    if data.startswith(AVRO_MAGIC):
-        return _read_avro(data)
-    return _read_json_lines(data)
+    return list(iter_capture(data))
 
 
-def _read_avro(data: bytes) -> list[CaptureRecord]:
+def iter_capture(data: bytes) -> Iterator[CaptureRecord]:
+    """Records one by one (no list of the whole file in memory); CorruptCaptureFile may come
+    after some records, so a caller that must not half-ingest keeps them until the end."""
+    return _iter_avro(data) if data.startswith(AVRO_MAGIC) else _iter_json_lines(data)
+
+
+def _iter_avro(data: bytes) -> Iterator[CaptureRecord]:
     try:
-        reader = fastavro.reader(io.BytesIO(data))
-        return [
-            CaptureRecord(
-                r["EnqueuedTimeUtc"],
-                r["Body"],
-                r["Properties"] or {},
-                r["SystemProperties"] or {},
-            )
-            for r in reader
-        ]
+        for r in fastavro.reader(io.BytesIO(data)):
+            yield CaptureRecord(r["EnqueuedTimeUtc"], r["Body"], r["Properties"], r["SystemProperties"])
     except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
         raise CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}") from None
 
@@ -161,23 +157,20 @@ def _json_body(body: object) -> bytes | None:
     return orjson.dumps(body)
 
 
-def _read_json_lines(data: bytes) -> list[CaptureRecord]:
-    records = []
+def _iter_json_lines(data: bytes) -> Iterator[CaptureRecord]:
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             raw = orjson.loads(line)
-            records.append(
-                CaptureRecord(
-                    str(raw["EnqueuedTimeUtc"]),
-                    _json_body(raw.get("Body")),
-                    dict(raw.get("Properties") or {}),
-                    dict(raw.get("SystemProperties") or {}),
-                )
+            record = CaptureRecord(
+                str(raw["EnqueuedTimeUtc"]),
+                _json_body(raw.get("Body")),
+                dict(raw.get("Properties") or {}),
+                dict(raw.get("SystemProperties") or {}),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CorruptCaptureFile(
                 f"not an Avro file, and line {number} is not a JSON capture record: {error}"
             ) from None
-    return records
+        yield record
