@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,3 +175,26 @@ def test_cmapss_reader_and_checksums(cmapss_dir: Path, tmp_path: Path) -> None:
             read_cmapss(bad)
     with pytest.raises(ChecksumMismatch, match="is not the published"):
         verify(bad)
+
+
+def test_the_short_path_accepts_exactly_what_the_full_checks_accept() -> None:
+    """parse_message's fast path for ingestion speed must never change a verdict."""
+    from turbofan_core.telemetry import _parse_with_reasons
+
+    def verdict(parse, *args) -> object:
+        try:
+            return parse(*args)
+        except InvalidMessage as error:
+            return error.reason
+
+    for field, value in itertools.product(
+        ["CycleTime", "Sensor3"], [1, 1.0, 2.5, True, None, "x", 0, -1, float("nan"), 1e308]
+    ):
+        raw = body(**{field: value})
+        for properties, content_type, encoding in itertools.product(
+            [{}, {"type": FAILURE}, {"type": "telemetry"}],
+            [None, "application/json", "text/plain", "application/json; charset=utf-8"],
+            [None, "utf-8", "UTF-8", "utf-16"],
+        ):
+            args = (raw, "Client_001", properties, content_type, encoding)
+            assert verdict(parse_message, *args) == verdict(_parse_with_reasons, *args), args
