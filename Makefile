@@ -25,11 +25,12 @@ export TURBOFAN_HOME
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k ingest -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help install .venv azurite demo test lint bench ui clean
+.PHONY: help install .venv azurite chromium demo test lint bench ui clean
 
 help:
 	@echo "make install   create $(VENV) from requirements.lock and install this repo (editable)"
 	@echo "make azurite   install the Azurite blob emulator $(AZURITE_VERSION) into $(AZURITE_DIR)"
+	@echo "make chromium  install Debian's chromium (for the browser tests of the UI) when it is missing"
 	@echo "make demo      import C-MAPSS FD001, replay it, materialise assets, print a summary"
 	@echo "make test      ruff check + pytest (no tests collected counts as a failure)"
 	@echo "make lint      ruff check"
@@ -58,6 +59,14 @@ $(AZURITE_STAMP):
 
 azurite: $(AZURITE_STAMP)
 
+# The browser tests drive Debian's chromium through Playwright (Playwright's own browser builds are
+# downloads that a closed network refuses). CI runs as root on Debian 12.
+chromium:
+	if [[ ! -x /usr/bin/chromium ]]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	fi
+	test -x /usr/bin/chromium
+
 demo: install
 	$(VENV)/bin/turbofan demo
 
@@ -65,7 +74,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # The pytest run goes through .ci/pytest-guard, which turns exit 5 (no tests collected) into 1.
-test: install azurite
+test: install azurite chromium
 	$(VENV)/bin/ruff check .
 	.ci/pytest-guard $(PYTEST_ARGS)
 

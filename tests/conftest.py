@@ -1,4 +1,5 @@
-"""Shared fixtures: real C-MAPSS data, an isolated TURBOFAN_HOME and a real Azurite blob service.
+"""Shared fixtures: real C-MAPSS data, an isolated TURBOFAN_HOME, a real Azurite blob service and a
+live Dagster UI (`turbofan ui`) on a state folder filled by `turbofan demo`.
 
 Missing prerequisites fail loudly instead of skipping: a suite that skips its blob or data tests
 on a machine without them would report green while testing nothing.
@@ -7,11 +8,14 @@ on a machine without them would report green while testing nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,13 +76,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
     """SIGTERM the whole process group (npm shims may spawn children), SIGKILL if it lingers."""
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace_s)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
@@ -171,3 +175,120 @@ def blob_container(azurite: AzuriteInfo) -> Iterator[str]:
         yield name
         with contextlib.suppress(ResourceNotFoundError):
             client.delete_container(name)
+
+
+# --- a live Dagster UI -------------------------------------------------------------------------
+
+UI_DEMO_UNITS = "1-3"
+UI_DEMO_TIMEOUT_S = 600.0
+UI_START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class DagsterUI:
+    """A running `turbofan ui` (`dagster dev`) and the state folder it serves."""
+
+    url: str  # http://127.0.0.1:PORT, no trailing slash
+    home: Path  # its TURBOFAN_HOME; the Dagster instance is home / "dagster"
+    log_path: Path  # what `dagster dev` printed (webserver, daemon, runs)
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        """POST a GraphQL query to the UI's /graphql; the `data` of the answer."""
+        answer = _http_json(f"{self.url}/graphql", {"query": query, "variables": variables or {}})
+        assert not answer.get("errors"), answer["errors"]
+        return answer["data"]
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _http_json(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _turbofan_env(home: Path) -> dict[str, str]:
+    """The environment of a `turbofan` subprocess on `home` (it derives DAGSTER_HOME from it)."""
+    env = {**os.environ, "TURBOFAN_HOME": str(home)}
+    env.pop("DAGSTER_HOME", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def dagster_ui(tmp_path_factory: pytest.TempPathFactory, cmapss_dir: Path) -> Iterator[DagsterUI]:
+    """`turbofan demo --units 1-3` into a fresh TURBOFAN_HOME, then `turbofan ui` on a free port.
+
+    Yields once the webserver answers and the code location serves its asset nodes. Both are
+    real processes (no os.environ change in the test process); `dagster dev` and everything it
+    started (code server, daemon, run workers) are stopped as one process group afterwards.
+    """
+    workdir = tmp_path_factory.mktemp("dagster_ui")
+    home = workdir / "turbofan_home"
+    home.mkdir()
+    turbofan = str(Path(sys.executable).parent / "turbofan")
+    env = _turbofan_env(home)
+
+    demo_log = workdir / "demo.log"
+    with demo_log.open("wb") as log:
+        demo = subprocess.run(
+            [turbofan, "demo", "--units", UI_DEMO_UNITS],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=UI_DEMO_TIMEOUT_S,
+        )
+    if demo.returncode != 0:
+        pytest.fail(
+            f"`turbofan demo --units {UI_DEMO_UNITS}` exited {demo.returncode}:\n"
+            f"{demo_log.read_text(errors='replace')}",
+            pytrace=False,
+        )
+
+    port = _free_port()
+    ui_log = workdir / "ui.log"
+    # A log file, not a pipe: nobody drains a pipe while tests run, and a full pipe blocks the server.
+    with ui_log.open("wb") as log:
+        proc = subprocess.Popen(
+            [turbofan, "ui", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    ui = DagsterUI(url=f"http://127.0.0.1:{port}", home=home, log_path=ui_log)
+    try:
+        _wait_for_ui(proc, ui)
+        yield ui
+    finally:
+        # `dagster dev` shuts down gracefully on SIGTERM in a few seconds. It maps SIGTERM to its
+        # SIGINT handler, though, so where SIGINT is ignored (a shell's `cmd &` started pytest) it
+        # ignores SIGTERM too, and only the SIGKILL after the grace period stops it.
+        _stop(proc, grace_s=30)
+
+
+def _wait_for_ui(proc: subprocess.Popen[bytes], ui: DagsterUI) -> None:
+    """Block until the webserver answers /server_info and the code location has loaded its assets."""
+    deadline = time.monotonic() + UI_START_TIMEOUT_S
+    what = "answer /server_info"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"`turbofan ui` exited with code {proc.returncode} before it was ready:\n{ui.log_tail()}",
+                pytrace=False,
+            )
+        try:
+            _http_json(f"{ui.url}/server_info")
+            what = "serve the asset nodes of the code location"
+            # The code server may still be loading the definitions: no nodes yet, or an error.
+            nodes = _http_json(f"{ui.url}/graphql", {"query": "{ assetNodes { id } }"})
+            if (nodes.get("data") or {}).get("assetNodes"):
+                return
+        except (OSError, ValueError):  # not listening yet, or listening but not serving yet
+            pass
+        time.sleep(1)
+    pytest.fail(
+        f"the UI on {ui.url} did not {what} within {UI_START_TIMEOUT_S:.0f} s:\n{ui.log_tail()}",
+        pytrace=False,
+    )

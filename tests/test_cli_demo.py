@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import DagsterUI
 from dagster import DagsterInstance
 
 from turbofan_cli.main import main
-
-UI_START_TIMEOUT_S = 180
 
 
 def test_demo_replays_materialises_and_summarises(
@@ -54,57 +45,11 @@ def test_demo_without_data_says_how_to_get_it(
     assert "turbofan data fetch" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def test_ui_serves_the_code_location(turbofan_home: Path, cmapss_dir: Path) -> None:
-    port = _free_port()
-    turbofan = Path(sys.executable).parent / "turbofan"
-    log = (turbofan_home / "ui.log").open("wb")
-    ui = subprocess.Popen(
-        [str(turbofan), "ui", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "TURBOFAN_HOME": str(turbofan_home)},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + UI_START_TIMEOUT_S
-        while True:
-            try:
-                _get(f"{base}/server_info")
-                break
-            except OSError:
-                assert ui.poll() is None, (turbofan_home / "ui.log").read_text()
-                assert time.monotonic() < deadline, "the UI did not answer /server_info in time"
-                time.sleep(1)
-        query = {"query": "{ assetNodes { assetKey { path } groupName } }"}
-        deadline = time.monotonic() + UI_START_TIMEOUT_S
-        while True:  # the code server may still be loading the definitions
-            nodes = _get(f"{base}/graphql", query).get("data", {}).get("assetNodes") or []
-            if nodes or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        groups = {node["assetKey"]["path"][-1]: node["groupName"] for node in nodes}
-        assert groups["raw_telemetry"] == "ingestion"
-        assert groups["rul_labels"] == "preparation"
-        assert (turbofan_home / "dagster" / "dagster.yaml").is_file()
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        try:
-            ui.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(ui.pid, signal.SIGKILL)
-            ui.wait()
-        log.close()
+def test_ui_serves_the_code_location(dagster_ui: DagsterUI) -> None:
+    # The `dagster_ui` fixture (tests/conftest.py) ran `turbofan demo` and then `turbofan ui`, and
+    # waited for /server_info and for the code location to serve its asset nodes.
+    nodes = dagster_ui.graphql("{ assetNodes { assetKey { path } groupName } }")["assetNodes"]
+    groups = {node["assetKey"]["path"][-1]: node["groupName"] for node in nodes}
+    assert groups["raw_telemetry"] == "ingestion"
+    assert groups["rul_labels"] == "preparation"
+    assert (dagster_ui.home / "dagster" / "dagster.yaml").is_file()

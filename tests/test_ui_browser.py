@@ -1,0 +1,174 @@
+"""The Dagster UI in a real headless Chromium, driven by Playwright: what a person sees and clicks.
+
+The `dagster_ui` fixture (tests/conftest.py) ran `turbofan demo --units 1-3` and serves `turbofan ui`
+(`dagster dev`: webserver, code server, daemon) on a free port. The browser is Debian's chromium
+(`make chromium`): Playwright's own browser builds are downloads, which this setup never makes.
+Every wait is one of Playwright's auto-retrying `expect` assertions; when one fails, a screenshot
+of the page lands in the test's tmp folder and the failure message names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DagsterUI
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+from playwright.sync_api import Browser, Locator, Page, Response, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
+
+from turbofan_assets.definitions import defs
+
+CHROMIUM = Path("/usr/bin/chromium")
+# --disable-background-networking: no calls home (a closed network refuses them, slowly).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+CODE_LOCATION = "turbofan_assets.definitions"
+# Generous: two loaded cores serve the webserver, the code server, the daemon and the browser.
+UI_TIMEOUT_MS = 60_000
+# A run from the UI is queued, dequeued by the daemon, then executed in a new worker process.
+RUN_TIMEOUT_MS = 240_000
+TERMINAL_RUN_TITLE = re.compile(r"\[(SUCCESS|FAILURE|CANCELED)\]")
+
+expect.set_options(timeout=UI_TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make chromium` (Debian's chromium package)", pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, dagster_ui: DagsterUI) -> Iterator[Page]:
+    """A fresh browser context (no cookies, no local storage) on the UI."""
+    context = browser.new_context(base_url=dagster_ui.url, viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    # `dagster dev` on localhost opens a "Join the Dagster community" dialog over whatever page is
+    # shown, a second after load; its Skip button stores this, so a returning user never sees it.
+    context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(page: Page, path: Path, ui: DagsterUI) -> Iterator[None]:
+    """Turn a failed check into an AssertionError naming a screenshot of the page as it was."""
+    try:
+        yield
+    except (AssertionError, PlaywrightError) as exc:
+        try:
+            page.screenshot(path=str(path), full_page=True)
+            shot = f"screenshot of the page: {path}"
+        except PlaywrightError as shot_error:
+            shot = f"no screenshot ({shot_error})"
+        raise AssertionError(
+            f"{exc}\n\n{shot}\npage: {page.url}\nend of the UI log ({ui.log_path}):\n{ui.log_tail(2000)}"
+        ) from exc
+
+
+def graph_node(page: Page, asset: str | re.Pattern[str]) -> Locator:
+    """A node of the lineage graph (an SVG foreignObject) showing `asset` as its whole text line."""
+    return page.locator("svg foreignObject").filter(has=page.get_by_text(asset, exact=True))
+
+
+def shown_name(asset: str) -> re.Pattern[str]:
+    """What a zoomed-out graph shows for `asset`: the name, or its ends around a middle ellipsis.
+
+    telemetry_quarantine -> teleme…_quarantine (the full name is the node's tooltip).
+    """
+    any_prefix = "".join(f"(?:{re.escape(c)}" for c in asset) + ")?" * len(asset)
+    any_suffix = "(?:" * len(asset) + "".join(f"{re.escape(c)})?" for c in asset)
+    return re.compile(rf"^(?:{re.escape(asset)}|{any_prefix}…{any_suffix})$")
+
+
+def test_lineage_shows_every_asset_and_what_is_materialized(
+    page: Page, dagster_ui: DagsterUI, tmp_path: Path
+) -> None:
+    groups: dict[str, list[str]] = {}
+    for spec in defs.resolve_all_asset_specs():
+        groups.setdefault(spec.group_name, []).append(spec.key.to_user_string())
+    assert {"raw_telemetry", "telemetry_quarantine", "failure_events"} <= set(groups["ingestion"])
+    assert {"rul_labels", "reference_test_fleet"} <= set(groups["preparation"])
+
+    with screenshot_on_failure(page, tmp_path / "lineage.png", dagster_ui):
+        # "Lineage" in the navigation: the whole graph, one collapsed box per group at first.
+        page.goto("/asset-groups")
+        for group in groups:
+            expect(graph_node(page, group)).to_be_visible()
+        page.get_by_role("button", name="settings", exact=True).click()
+        page.get_by_role("menuitem", name=re.compile("Expand all groups")).click()
+        page.keyboard.press("Escape")
+        expect(page.get_by_role("menu")).to_be_hidden()
+        for assets in groups.values():
+            for asset in assets:
+                expect(graph_node(page, shown_name(asset))).to_be_visible()
+
+    # A group's own page draws full nodes: the whole name, then the latest status. The demo ran
+    # the ingestion and preparation assets, so a user sees them materialized.
+    for group, assets in groups.items():
+        with screenshot_on_failure(page, tmp_path / f"group-{group}.png", dagster_ui):
+            page.goto(f"/locations/{CODE_LOCATION}/asset-groups/{group}")
+            for asset in assets:
+                node = graph_node(page, asset)
+                expect(node).to_be_visible()
+                if group in ("ingestion", "preparation"):
+                    expect(node.get_by_text("Materialized", exact=True)).to_be_visible()
+
+
+def _is_launch(response: Response) -> bool:
+    request = response.request
+    return (
+        request.method == "POST"
+        and (request.post_data_json or {}).get("operationName") == "LaunchPipelineExecution"
+    )
+
+
+def test_materialize_button_runs_the_asset(page: Page, dagster_ui: DagsterUI, tmp_path: Path) -> None:
+    asset = AssetKey("rul_labels")
+    instance_dir = str(dagster_ui.home / "dagster")
+    with DagsterInstance.from_config(instance_dir) as instance:
+        [before] = instance.fetch_materializations(asset, limit=1).records  # the demo's
+
+    with screenshot_on_failure(page, tmp_path / "materialize.png", dagster_ui):
+        page.goto(f"/assets/{asset.to_user_string()}")
+        # Its accessible name is "materialization Materialize" (icon, then label).
+        materialize = page.get_by_role("button", name=re.compile(r"Materialize$"))
+        expect(materialize).to_be_enabled()
+        with page.expect_response(_is_launch) as launch:
+            materialize.click()
+        launched = launch.value.json()["data"]["launchPipelineExecution"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["id"]
+
+        # The confirmation toast names the run and links to it.
+        toast = page.get_by_role("region", name=re.compile("Notifications"))
+        expect(toast).to_contain_text(f"Launched run {run_id[:8]}")
+        toast.get_by_role("link", name="View").click()
+        expect(page).to_have_url(re.compile(rf"/runs/{run_id}$"))
+        # The run page follows the run live (queued, started, ...); its title carries the status.
+        expect(page).to_have_title(TERMINAL_RUN_TITLE, timeout=RUN_TIMEOUT_MS)
+        assert "[SUCCESS]" in page.title(), f"the run did not succeed: {page.title()!r}"
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible()
+
+    # The instance the UI serves recorded it: a successful run of that asset, and its newest
+    # materialization comes from this run.
+    with DagsterInstance.from_config(instance_dir) as instance:
+        record = instance.get_run_record_by_id(run_id)
+        assert record is not None
+        assert record.dagster_run.status == DagsterRunStatus.SUCCESS
+        assert record.dagster_run.asset_selection == {asset}
+        [latest] = instance.fetch_materializations(asset, limit=1).records
+        assert latest.run_id == run_id
+        assert latest.storage_id > before.storage_id
