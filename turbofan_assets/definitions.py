@@ -21,7 +21,7 @@ from dagster import (
 from dagster_azure.blob import AzureBlobStorageKeyCredential, AzureBlobStorageResource
 from dagster_duckdb import DuckDBResource
 
-from turbofan_assets.assets import ingestion, preparation
+from turbofan_assets.assets import evaluation, ingestion, preparation, training
 from turbofan_assets.checks import CHECKS
 from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder
 from turbofan_core.home import Home
@@ -45,7 +45,7 @@ def file_store(container_variable: str, local_path: Path) -> FileStore:
 
 def build_definitions(home: Home) -> Definitions:
     return Definitions(
-        assets=load_assets_from_modules([ingestion, preparation]),
+        assets=load_assets_from_modules([ingestion, preparation, training, evaluation]),
         asset_checks=CHECKS,
         jobs=[define_asset_job(PIPELINE_JOB, selection=AssetSelection.all())],
         resources={

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "data": Subcommand("turbofan_cli.data", "import, download or locate the NASA C-MAPSS files"),
     "demo": Subcommand("turbofan_cli.demo", "replay FD001 and materialise every asset (embedded default)"),
     "ui": Subcommand("turbofan_cli.ui", "open the Dagster UI on the embedded default's instance"),
+    "models": Subcommand("turbofan_cli.models", "the model registry: list models, or show one's metrics"),
 }
 
 

@@ -1,0 +1,348 @@
+"""The feature definition: one spec, two engines that compute it the same way.
+
+A `FeatureSpec` names the sensors, the rolling windows and statistics, and the
+exponential smoothing factors. `compute_features` is the batch engine (training over
+the warehouse); `StreamingFeatures` is the edge engine, keeping O(max window) state
+per device. Both call the same `_window_statistics` and the same smoothing recurrence,
+so a model never sees features computed differently from those it was trained on.
+
+Windows count messages, not cycles: a missed cycle is simply absent from the window.
+A window that is not full yet (the start of a trajectory) uses the values so far; the
+std (population, ddof=0) and the least-squares slope of a single value are 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from turbofan_core.telemetry import MEASUREMENTS
+
+CYCLE = "CycleTime"
+STATISTICS: tuple[str, ...] = ("mean", "std", "slope", "min", "max")
+# The sensors that vary in FD001; the other seven are constant there and carry no signal.
+FD001_SENSORS: tuple[str, ...] = tuple(
+    f"Sensor{i}" for i in (2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21)
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _duplicates(values: Sequence[object]) -> list[object]:
+    return sorted({v for v in values if values.count(v) > 1}, key=str)
+
+
+def _stat_name(sensor: str, statistic: str, window: int) -> str:
+    return f"{sensor}_{statistic}_{window}"
+
+
+def _ewm_name(sensor: str, alpha: float) -> str:
+    return f"{sensor}_ewm_{alpha!r}"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What to compute from a trajectory; stored in model bundles so scoring matches training."""
+
+    sensors: tuple[str, ...]
+    windows: tuple[int, ...] = ()
+    statistics: tuple[str, ...] = ()
+    ewm_alphas: tuple[float, ...] = ()
+    include_cycle: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON) but store tuples so the spec stays hashable.
+        for name in ("sensors", "windows", "statistics", "ewm_alphas"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a sequence, got {type(value).__name__} {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.sensors:
+            raise ValueError("sensors must name at least one measurement")
+        unknown = [s for s in self.sensors if s not in MEASUREMENTS]
+        if unknown:
+            raise ValueError(f"unknown sensor(s) {unknown}; expected names from {MEASUREMENTS}")
+        bad_windows = [w for w in self.windows if not _is_int(w) or w < 1]
+        if bad_windows:
+            raise ValueError(f"windows must be positive integers, got {bad_windows}")
+        object.__setattr__(self, "windows", tuple(int(w) for w in self.windows))
+        unknown = [s for s in self.statistics if s not in STATISTICS]
+        if unknown:
+            raise ValueError(f"unknown statistic(s) {unknown}; expected some of {STATISTICS}")
+        if bool(self.windows) != bool(self.statistics):
+            raise ValueError("windows and statistics go together: give both or neither")
+        bad_alphas = [
+            a
+            for a in self.ewm_alphas
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < a <= 1.0
+        ]
+        if bad_alphas:
+            raise ValueError(f"ewm_alphas must lie in (0, 1], got {bad_alphas}")
+        object.__setattr__(self, "ewm_alphas", tuple(float(a) for a in self.ewm_alphas))
+        if not isinstance(self.include_cycle, bool):
+            raise ValueError(f"include_cycle must be a bool, got {self.include_cycle!r}")
+        for name in ("sensors", "windows", "statistics", "ewm_alphas"):
+            repeated = _duplicates(getattr(self, name))
+            if repeated:
+                raise ValueError(f"{name} repeats {repeated}")
+
+    @property
+    def max_window(self) -> int:
+        """How many past values per sensor the streaming engine must keep."""
+        return max(self.windows, default=1)
+
+    @cached_property
+    def feature_names(self) -> tuple[str, ...]:
+        """Column order of every feature matrix: CycleTime first, then sensor by sensor."""
+        names = [CYCLE] if self.include_cycle else []
+        for sensor in self.sensors:
+            names.append(sensor)
+            names.extend(_stat_name(sensor, stat, w) for w in self.windows for stat in self.statistics)
+            names.extend(_ewm_name(sensor, alpha) for alpha in self.ewm_alphas)
+        return tuple(names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, for the model bundle."""
+        return {
+            "sensors": list(self.sensors),
+            "windows": list(self.windows),
+            "statistics": list(self.statistics),
+            "ewm_alphas": list(self.ewm_alphas),
+            "include_cycle": self.include_cycle,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
+        """Inverse of `to_dict`; refuses unknown keys so a newer bundle is not misread."""
+        unknown = sorted(set(data) - {"sensors", "windows", "statistics", "ewm_alphas", "include_cycle"})
+        if unknown:
+            raise ValueError(f"unknown feature spec key(s) {unknown}")
+        if "sensors" not in data:
+            raise ValueError("feature spec has no 'sensors'")
+        return cls(**data)
+
+
+# Chosen by grouped cross-validation on FD001 train (see docs): four windows of mean,
+# std and slope plus two smoothing factors over the 14 informative sensors, and the cycle.
+DEFAULT_SPEC = FeatureSpec(
+    sensors=FD001_SENSORS,
+    windows=(5, 10, 20, 30),
+    statistics=("mean", "std", "slope"),
+    ewm_alphas=(0.1, 0.3),
+    include_cycle=True,
+)
+
+
+def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each computed block goes in feature_names: window statistics as
+    (statistics, windows, sensors), raw values as (sensors,), smoothed as (alphas, sensors)."""
+    index = {name: i for i, name in enumerate(spec.feature_names)}
+    shape = (len(spec.statistics), len(spec.windows), len(spec.sensors))
+    stats = [
+        index[_stat_name(s, stat, w)] for stat in spec.statistics for w in spec.windows for s in spec.sensors
+    ]
+    ewm = [index[_ewm_name(s, a)] for a in spec.ewm_alphas for s in spec.sensors]
+    return (
+        np.array(stats, dtype=np.intp).reshape(shape),
+        np.array([index[s] for s in spec.sensors], dtype=np.intp),
+        np.array(ewm, dtype=np.intp).reshape(len(spec.ewm_alphas), len(spec.sensors)),
+    )
+
+
+def _window_statistics(window: np.ndarray, count: np.ndarray, statistics: tuple[str, ...]) -> np.ndarray:
+    """Statistics (statistics, rows, sensors) of windows (w, rows, sensors) whose last `count` are valid.
+
+    The single formula both engines use; invalid slots may hold any finite value. std and slope work
+    on values centred on the window mean, which stays accurate for sensors near 9000 with
+    a spread of a few units (E[x^2] - E[x]^2 would not).
+    """
+    w = window.shape[0]
+    n = count.astype(np.float64)[:, None]  # (rows, 1)
+    valid = np.arange(w)[:, None] >= w - count  # (w, rows)
+    # Sums weighted by 0/1 rather than masked copies: one pass fewer over the window.
+    weight = valid.astype(np.float64)
+    out = np.empty((len(statistics), *window.shape[1:]))
+    if {"mean", "std", "slope"} & set(statistics):
+        mean = np.einsum("wr,wrs->rs", weight, window) / n
+        centred = window - mean
+    for i, stat in enumerate(statistics):
+        if stat == "mean":
+            out[i] = mean
+        elif stat == "std":
+            out[i] = np.sqrt(np.einsum("wr,wrs,wrs->rs", weight, centred, centred) / n)
+        elif stat == "slope":
+            # Position in the window minus the mean position of the last n slots (0 elsewhere).
+            position = (np.arange(w)[:, None] - (w - 1) + (n[:, 0] - 1) / 2) * weight  # (w, rows)
+            numerator = np.einsum("wr,wrs->rs", position, centred)
+            sxx = n * (n * n - 1) / 12  # sum of squared centred positions 0..n-1
+            out[i] = np.divide(numerator, sxx, out=np.zeros_like(numerator), where=sxx > 0)
+        elif stat == "min":
+            out[i] = np.where(valid[:, :, None], window, np.inf).min(axis=0)
+        else:
+            out[i] = np.where(valid[:, :, None], window, -np.inf).max(axis=0)
+    return out
+
+
+def _trajectory_starts(ordered: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the rows that open a trajectory (a new key combination)."""
+    start = np.zeros(len(ordered), dtype=bool)
+    if len(ordered):
+        start[0] = True
+    for key in keys:
+        column = ordered[key].to_numpy()
+        start[1:] |= column[1:] != column[:-1]
+    return start
+
+
+# Window slots (w * rows * sensors) per block: keeps the temporaries in cache, which
+# matters more than the number of numpy calls (4x faster for w = 100 on FD001).
+_BLOCK_SLOTS = 1 << 18
+
+
+def compute_features(
+    frame: pd.DataFrame, spec: FeatureSpec = DEFAULT_SPEC, keys: Sequence[str] = ("device_id", "lifetime")
+) -> pd.DataFrame:
+    """Features of every row of every trajectory (a group of `keys`), ordered by keys and CycleTime.
+
+    Returns the key columns, CycleTime and the features in `spec.feature_names` order
+    (CycleTime appears once even when it is a feature), one row per input row.
+    """
+    keys = list(keys)
+    missing = [c for c in (*keys, CYCLE, *spec.sensors) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks column(s) {missing}")
+    ordered = frame.sort_values([*keys, CYCLE], kind="stable").reset_index(drop=True)
+    start = _trajectory_starts(ordered, keys)
+    cycle = ordered[CYCLE].to_numpy()
+    if np.any(~start[1:] & (cycle[1:] == cycle[:-1])):
+        raise ValueError("a trajectory repeats a CycleTime; deduplicate the telemetry first")
+    values = ordered[list(spec.sensors)].to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("sensor values must be finite (NaN or infinity would spread through windows)")
+
+    rows = len(ordered)
+    # Column-major, as pandas stores a float block, so the frame is built without a copy.
+    features = np.empty((rows, len(spec.feature_names)), order="F")
+    stats_columns, raw_columns, ewm_columns = _layout(spec)
+    features[:, raw_columns] = values
+    if spec.include_cycle:
+        features[:, 0] = cycle
+
+    starts = np.flatnonzero(start)
+    lengths = np.diff(np.append(starts, rows))
+    position = np.arange(rows) - np.repeat(starts, lengths)  # 0 at each trajectory's first row
+
+    pad = spec.max_window - 1
+    padded = np.concatenate([np.zeros((pad, values.shape[1])), values])
+    for j, w in enumerate(spec.windows):
+        count = np.minimum(position + 1, w)
+        columns = stats_columns[:, j, :].ravel()
+        block_rows = max(16, _BLOCK_SLOTS // (w * values.shape[1]))
+        for lo in range(0, rows, block_rows):
+            hi = min(lo + block_rows, rows)
+            view = np.lib.stride_tricks.sliding_window_view(padded[lo + pad - w + 1 : hi + pad], w, axis=0)
+            block = _window_statistics(np.moveaxis(view, -1, 0), count[lo:hi], spec.statistics)
+            features[lo:hi, columns] = block.transpose(1, 0, 2).reshape(hi - lo, -1)
+
+    if spec.ewm_alphas:
+        alphas = np.array(spec.ewm_alphas)[:, None]
+        smoothed = np.empty((len(spec.ewm_alphas), rows, values.shape[1]))
+        smoothed[:, starts] = values[starts]
+        # One step per position along the trajectories, all trajectories at once.
+        order = np.argsort(-lengths, kind="stable")
+        by_length, from_start = lengths[order], starts[order]
+        for p in range(1, int(lengths.max(initial=0))):
+            live = from_start[: np.searchsorted(-by_length, -p, side="left")] + p
+            smoothed[:, live] = alphas[:, None] * values[live] + (1 - alphas[:, None]) * smoothed[:, live - 1]
+        features[:, ewm_columns] = smoothed.transpose(1, 0, 2)
+
+    first = int(spec.include_cycle)  # CycleTime is already an identity column
+    names = list(spec.feature_names[first:])
+    return pd.concat([ordered[[*keys, CYCLE]], pd.DataFrame(features[:, first:], columns=names)], axis=1)
+
+
+class _DeviceState:
+    """The last max_window values (oldest first, zeros before the first) and the smoothed values."""
+
+    __slots__ = ("cycle", "count", "history", "smoothed")
+
+    def __init__(self, max_window: int, sensors: int, alphas: int) -> None:
+        self.cycle = 0
+        self.count = 0
+        self.history = np.zeros((max_window, sensors))
+        self.smoothed = np.zeros((alphas, sensors))
+
+
+class StreamingFeatures:
+    """The edge engine: per-device state, one feature vector per telemetry message."""
+
+    def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
+        self.spec = spec
+        self._stats_columns, self._raw_columns, self._ewm_columns = _layout(spec)
+        self._windows = np.array(spec.windows, dtype=np.intp)
+        self._alphas = np.array(spec.ewm_alphas)[:, None]
+        self._states: dict[str, _DeviceState] = {}
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.spec.feature_names
+
+    @property
+    def devices(self) -> int:
+        """How many devices hold state."""
+        return len(self._states)
+
+    def reset(self, device_id: str) -> None:
+        """Forget a device, e.g. after its failure event."""
+        self._states.pop(device_id, None)
+
+    def update(self, device_id: str, cycle: int, values: Mapping[str, float] | Sequence[float]) -> np.ndarray:
+        """Take one message and return its feature vector in `feature_names` order.
+
+        `values` is a mapping holding at least the spec's sensors, or a sequence in
+        `spec.sensors` order. A cycle not greater than the device's last one starts a
+        new engine lifetime (CycleTime restarts at 1 after a failure), so state resets.
+        """
+        spec = self.spec
+        if isinstance(values, Mapping):
+            x = np.array([values[s] for s in spec.sensors], dtype=np.float64)
+        else:
+            x = np.asarray(values, dtype=np.float64)
+            if x.shape != (len(spec.sensors),):
+                raise ValueError(f"expected {len(spec.sensors)} values in spec.sensors order, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("sensor values must be finite")
+        state = self._states.get(device_id)
+        if state is None or cycle <= state.cycle:
+            state = _DeviceState(spec.max_window, len(spec.sensors), len(spec.ewm_alphas))
+            self._states[device_id] = state
+        state.cycle = cycle
+        state.count += 1
+        state.history[:-1] = state.history[1:]
+        state.history[-1] = x
+        if state.count == 1:
+            state.smoothed = np.tile(x, (len(spec.ewm_alphas), 1))
+        else:
+            state.smoothed = self._alphas * x + (1 - self._alphas) * state.smoothed
+
+        features = np.empty(len(self.feature_names))
+        if spec.include_cycle:
+            features[0] = cycle
+        features[self._raw_columns] = x
+        if spec.windows:
+            # All windows in one call: each sees the whole history with only its last
+            # min(count, w) slots valid; the extra slots add zeros to the batch engine's sums.
+            shape = (spec.max_window, len(spec.windows), len(spec.sensors))
+            history = np.broadcast_to(state.history[:, None, :], shape)
+            count = np.minimum(state.count, self._windows)
+            features[self._stats_columns] = _window_statistics(history, count, spec.statistics)
+        if spec.ewm_alphas:
+            features[self._ewm_columns] = state.smoothed
+        return features
