@@ -21,6 +21,8 @@ def test_demo_replays_materialises_and_summarises(
     assert f"imported C-MAPSS FD001 from {cmapss_dir}" in out
     assert "5 devices sent" in out
     assert "labelled trajectories:  5 of 5" in out
+    assert "latest model:           v1, champion" in out
+    assert "champion on FD001 test: v1, RMSE" in out
     # The state folder is self-contained: data, landing zone, warehouse and Dagster instance.
     assert sorted(p.name for p in (turbofan_home / "data" / "cmapss").iterdir()) == [
         "RUL_FD001.txt",

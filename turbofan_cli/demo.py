@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 def _summary(home: Home) -> None:
     import duckdb
 
+    from turbofan_assets import registry
+
     with duckdb.connect(str(home.warehouse), read_only=True) as conn:
 
         def scalar(sql: str) -> int:
@@ -95,6 +97,15 @@ def _summary(home: Home) -> None:
         quarantined = scalar("SELECT count(*) FROM telemetry_quarantine")
         labelled = scalar("SELECT count(DISTINCT (device_id, lifetime)) FROM rul_labels")
         trajectories = scalar("SELECT count(DISTINCT (device_id, lifetime)) FROM telemetry")
+        latest = registry.latest(conn) if registry.exists(conn) else None
+        champion = registry.champion(conn) if latest else None
     print(f"    rows ingested:          {ingested:,}")
     print(f"    records quarantined:    {quarantined:,}")
     print(f"    labelled trajectories:  {labelled} of {trajectories} (the rest are censored)")
+    if latest is not None:
+        print(f"    latest model:           v{latest.version}, {latest.stage} ({latest.reason})")
+    if champion is not None and champion.test_rmse is not None:
+        print(
+            f"    champion on FD001 test: v{champion.version}, RMSE {champion.test_rmse:.2f}, "
+            f"PHM08 {champion.test_phm08:.1f}, p10-p90 coverage {champion.test_coverage_p10_p90:.2f}"
+        )
