@@ -35,6 +35,7 @@ def test_rul_counts_down_to_the_failure_and_is_held_at_the_cap() -> None:
     assert rul[75] == DEFAULT_RUL_CAP and rul[76] == 124  # 200 - 76 = 124: below the cap
     assert (rul[rul.index <= 75] == DEFAULT_RUL_CAP).all()
     assert labels["failure_cycle"].unique().tolist() == [200]
+    assert labels["rul_cap"].unique().tolist() == [DEFAULT_RUL_CAP]
     short = label_rul(telemetry, failures, cap=50)["rul"]
     assert short.max() == 50 and (short.diff().dropna() <= 0).all()
 

@@ -217,6 +217,18 @@ def _shuffle_test_rul(warehouse: Path) -> None:
         conn.execute("CREATE OR REPLACE TABLE reference_test_fleet AS SELECT * FROM shuffled")
 
 
+def test_the_bundle_keeps_the_cap_the_labels_were_made_with(home: Home) -> None:
+    """A cap set in the launchpad travels with the labels into the bundle, not guessed from them."""
+    run_config = {
+        "ops": {"rul_labels": {"config": {"rul_cap": 100}}, "model_candidates": {"config": SMALL_GRID}}
+    }
+    job = build_definitions(home).resolve_job_def(PIPELINE_JOB)
+    selection = [AssetKey(a) for a in ("rul_labels", "training_features", "model_candidates")]
+    result = job.execute_in_process(asset_selection=selection, run_config=run_config)
+    bundle = read_bundle(LocalStore(home.models), _values(result, "model_candidates")["bundle_sha256"])
+    assert bundle.rul_cap == 100
+
+
 def test_selection_is_unchanged_when_the_test_rul_is_shuffled(
     trained: tuple[Path, ExecuteInProcessResult], turbofan_home: Path
 ) -> None:

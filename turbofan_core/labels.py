@@ -46,4 +46,5 @@ def label_rul(telemetry: pd.DataFrame, failures: pd.DataFrame, cap: int = DEFAUL
     labelled = telemetry[[*KEYS, "CycleTime"]].merge(ends, on=KEYS, how="inner")
     remaining = labelled["failure_cycle"] - labelled["CycleTime"]
     labelled["rul"] = remaining.clip(lower=0, upper=cap).astype(np.int64)
+    labelled["rul_cap"] = np.int64(cap)  # kept with the labels: a model must know the cap it learnt
     return labelled.sort_values([*KEYS, "CycleTime"], ignore_index=True)

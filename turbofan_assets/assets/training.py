@@ -114,6 +114,7 @@ def model_candidates(
         trajectories = frame[KEYS].drop_duplicates().shape[0]
         if trajectories < 2:
             raise Failure(f"{trajectories} labelled trajectories: at least 2 are needed to cross-validate")
+        rul_cap = conn.execute("SELECT max(rul_cap) FROM rul_labels").fetchone()[0]
         names = list(spec.feature_names)
         fingerprint = training.data_fingerprint(frame, [*KEYS, CYCLE, training.TARGET, *names])
         watermark = _watermark(conn, frame, fingerprint)
@@ -129,8 +130,6 @@ def model_candidates(
     fitted = training.fit_final(X, y, folds, chosen.params, seed=config.seed, workers=config.workers)
     train_seconds, train_cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
 
-    # The labels are capped, so their maximum is the cap (FD001's shortest run, 128 cycles, exceeds 125).
-    rul_cap = int(y.max())
     cv = {"cv_rmse": chosen.rmse, "cv_rmse_std": chosen.rmse_std, "cv_mae": chosen.mae}
     bundle = ModelBundle(
         spec=spec,
