@@ -47,16 +47,22 @@ class IngestReport:
 
 def _messages_frame(files: list[ParsedFile], closed_lifetimes: dict[str, int]) -> pd.DataFrame:
     """Valid messages of a batch in arrival order, with their engine lifetime."""
-    frame = pd.DataFrame(np.concatenate([p.measurements for p in files]), columns=list(MEASUREMENTS))
-    frame.insert(0, "device_id", pd.Series([d for p in files for d in p.devices], dtype=object))
-    frame.insert(1, "CycleTime", np.concatenate([p.cycles for p in files]))
-    frame["enqueued_time_utc"] = pd.Series([t for p in files for t in p.times], dtype=object)
-    frame["source_file"] = np.repeat([p.name for p in files], [len(p.devices) for p in files]).astype(object)
-    frame["position"] = np.concatenate([p.positions for p in files])
+    devices = pd.Series([d for p in files for d in p.devices], dtype=object)
     is_failure = pd.Series(np.concatenate([p.failure for p in files]))
-    frame.insert(1, "lifetime", assign_lifetimes(frame["device_id"], is_failure, closed_lifetimes))
-    frame["is_failure"] = is_failure
-    return frame
+    measurements = np.concatenate([p.measurements for p in files])
+    return pd.DataFrame(
+        {
+            "device_id": devices,
+            "lifetime": assign_lifetimes(devices, is_failure, closed_lifetimes),
+            "CycleTime": np.concatenate([p.cycles for p in files]),
+            **{name: measurements[:, i] for i, name in enumerate(MEASUREMENTS)},
+            "enqueued_time_utc": pd.Series([t for p in files for t in p.times], dtype=object),
+            "source_file": np.repeat([p.name for p in files], [len(p.devices) for p in files]).astype(object),
+            "position": np.concatenate([p.positions for p in files]),
+            "is_failure": is_failure,
+        },
+        copy=False,
+    )
 
 
 def _closed_lifetimes(conn: duckdb.DuckDBPyConnection, devices: set[str]) -> dict[str, int]:

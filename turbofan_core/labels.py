@@ -28,7 +28,7 @@ def assign_lifetimes(
     """
     failures = is_failure.astype(np.int64)
     earlier = failures.groupby(device_ids.values, sort=False).cumsum().to_numpy() - failures.to_numpy()
-    base = device_ids.map(lambda d: closed_lifetimes.get(d, 0)).to_numpy(dtype=np.int64)
+    base = device_ids.map(closed_lifetimes).fillna(0).to_numpy(dtype=np.int64)
     return base + earlier + 1
 
 
