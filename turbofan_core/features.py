@@ -129,13 +129,15 @@ class FeatureSpec:
         return cls(**data)
 
 
-# Chosen by grouped cross-validation on FD001 train (see docs): four windows of mean,
-# std and slope plus two smoothing factors over the 14 informative sensors, and the cycle.
+# Chosen by 5-fold grouped cross-validation on FD001 train (XGBoost, RUL capped at 125):
+# long windows carry the degradation trend (longest window 30: CV RMSE 11.7; 120: 8.6),
+# the cycle helps (about 1 RMSE without it), std adds noise, (10, 30, 120) scores as well
+# as (10, 30, 60, 120) at less cost, and smoothing keeps a memory beyond 120 cycles in O(1).
 DEFAULT_SPEC = FeatureSpec(
     sensors=FD001_SENSORS,
-    windows=(5, 10, 20, 30),
-    statistics=("mean", "std", "slope"),
-    ewm_alphas=(0.1, 0.3),
+    windows=(10, 30, 120),
+    statistics=("mean", "slope"),
+    ewm_alphas=(0.02, 0.1),
     include_cycle=True,
 )
 
@@ -252,15 +254,16 @@ def compute_features(
             features[lo:hi, columns] = block.transpose(1, 0, 2).reshape(hi - lo, -1)
 
     if spec.ewm_alphas:
-        alphas = np.array(spec.ewm_alphas)[:, None]
+        alphas = np.array(spec.ewm_alphas)[:, None, None]
         smoothed = np.empty((len(spec.ewm_alphas), rows, values.shape[1]))
         smoothed[:, starts] = values[starts]
-        # One step per position along the trajectories, all trajectories at once.
+        # One step per position along the trajectories, all trajectories at once: the
+        # recurrence is sequential, but only as long as the longest trajectory.
         order = np.argsort(-lengths, kind="stable")
         by_length, from_start = lengths[order], starts[order]
         for p in range(1, int(lengths.max(initial=0))):
             live = from_start[: np.searchsorted(-by_length, -p, side="left")] + p
-            smoothed[:, live] = alphas[:, None] * values[live] + (1 - alphas[:, None]) * smoothed[:, live - 1]
+            smoothed[:, live] = alphas * values[live] + (1 - alphas) * smoothed[:, live - 1]
         features[:, ewm_columns] = smoothed.transpose(1, 0, 2)
 
     first = int(spec.include_cycle)  # CycleTime is already an identity column
