@@ -44,15 +44,8 @@ class AzureContainer(FileStore):
 
     @contextmanager
     def open(self) -> Iterator[ObjectStore]:
-        from azure.core.exceptions import ResourceExistsError
-
         with self.storage.get_client() as service:
-            client = service.get_container_client(self.container)
-            try:
-                client.create_container()
-            except ResourceExistsError:
-                pass
-            yield BlobStore(client, self.prefix)
+            yield BlobStore.created_if_missing(service.get_container_client(self.container), self.prefix)
 
 
 class CmapssFiles(ConfigurableResource):

@@ -110,6 +110,17 @@ class BlobStore:
         cut = len(self.prefix)
         return (n[cut:] for n in self.container.list_blob_names(name_starts_with=self.prefix + prefix))
 
+    @classmethod
+    def created_if_missing(cls, container: ContainerClient, prefix: str = "") -> BlobStore:
+        """A store on `container`, creating the container first when it does not exist yet."""
+        from azure.core.exceptions import ResourceExistsError
+
+        try:
+            container.create_container()
+        except ResourceExistsError:
+            pass
+        return cls(container, prefix)
+
     def read(self, name: str) -> bytes:
         return self.container.download_blob(self.prefix + name).readall()
 
@@ -124,12 +135,7 @@ class BlobStore:
 
 def blob_store_from_connection_string(connection_string: str, container: str, prefix: str = "") -> BlobStore:
     """A BlobStore for a container, created if missing (used by devices and the CLI)."""
-    from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob import BlobServiceClient
 
     client = BlobServiceClient.from_connection_string(connection_string).get_container_client(container)
-    try:
-        client.create_container()
-    except ResourceExistsError:
-        pass
-    return BlobStore(client, prefix)
+    return BlobStore.created_if_missing(client, prefix)
