@@ -17,8 +17,11 @@ def _sample_md(rows: list[tuple], columns: list[str]) -> MetadataValue:
 
 def _result(conn, offenders_sql: str, columns: list[str], **kwargs) -> AssetCheckResult:
     """Run a query listing offenders; pass when it lists none, show a sample when it does."""
-    offenders = conn.execute(f"SELECT count(*) FROM ({offenders_sql})").fetchone()[0]
-    sample = conn.execute(f"{offenders_sql} LIMIT {SAMPLE}").fetchall()
+    # One scan: the sample rows carry the total count of offenders.
+    query = f"SELECT *, count(*) OVER () FROM ({offenders_sql}) ORDER BY ALL LIMIT {SAMPLE}"
+    rows = conn.execute(query).fetchall()
+    offenders = rows[0][-1] if rows else 0
+    sample = [row[:-1] for row in rows]
     return AssetCheckResult(
         passed=offenders == 0,
         metadata={"offenders": offenders, "sample": _sample_md(sample, columns)},
