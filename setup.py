@@ -6,7 +6,7 @@ project is tested with are pinned in requirements.lock, which `make install` ins
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -36,6 +36,8 @@ setup(
         ]
     ),
     include_package_data=True,
+    # The column decoder of IoT Hub capture blocks (see the file's header for why it is C).
+    ext_modules=[Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"])],
     install_requires=read_requirements(HERE / "requirements.in"),
     entry_points={"console_scripts": ["turbofan=turbofan_cli.main:main"]},
 )

@@ -1,7 +1,7 @@
 """Ingestion throughput: landing-zone capture files into the DuckDB warehouse.
 
 Generates about 1,000,000 messages of IoT Hub-style Avro files (FD001 train replayed as
-49 fleets of 100 engines), ingests them with the pipeline's incremental loader and, in
+48 fleets of 100 engines), ingests them with the pipeline's incremental loader and, in
 the same run, a naive loader on a sample (record by record into a growing DataFrame, as
 the original IoT Edge sample's notebook did). Prints figures; the last line is JSON.
 

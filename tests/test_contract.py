@@ -30,6 +30,7 @@ from turbofan_core.telemetry import (
     FIELDS,
     MEASUREMENTS,
     InvalidMessage,
+    check_messages,
     encode_body,
     parse_message,
 )
@@ -81,6 +82,7 @@ def test_integral_float_cycle_and_unknown_fields_are_accepted() -> None:
         (body(CycleTime=-3), "C1", {}, None, None, "CycleTime must be a positive integer, got -3"),
         (body(CycleTime=2.5), "C1", {}, None, None, "CycleTime must be a positive integer, got 2.5"),
         (body(CycleTime="7"), "C1", {}, None, None, "CycleTime must be a positive integer, got str '7'"),
+        (body(CycleTime=2**63), "C1", {}, None, None, "CycleTime 9223372036854775808 is too large"),
         (b'{"Cycle": 3}', "C1", {"type": FAILURE}, None, None, "missing field CycleTime"),
     ],
 )
@@ -177,24 +179,37 @@ def test_cmapss_reader_and_checksums(cmapss_dir: Path, tmp_path: Path) -> None:
         verify(bad)
 
 
-def test_the_short_path_accepts_exactly_what_the_full_checks_accept() -> None:
-    """parse_message's fast path for ingestion speed must never change a verdict."""
-    from turbofan_core.telemetry import _parse_with_reasons
-
-    def verdict(parse, *args) -> object:
-        try:
-            return parse(*args)
-        except InvalidMessage as error:
-            return error.reason
-
-    for field, value in itertools.product(
-        ["CycleTime", "Sensor3"], [1, 1.0, 2.5, True, None, "x", 0, -1, float("nan"), 1e308]
-    ):
-        raw = body(**{field: value})
-        for properties, content_type, encoding in itertools.product(
+def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
+    """check_messages, the column-at-a-time path ingestion takes, must never change a verdict."""
+    cases = [
+        (body(**{field: value}), device, properties, content_type, encoding)
+        for field, value in itertools.product(
+            ["CycleTime", "Sensor3"],
+            [1, 1.0, 2.5, True, None, "x", 0, -1, float("nan"), 1e308, 2**53 + 1, 2**63, 2**64 - 1],
+        )
+        for device, properties, content_type, encoding in itertools.product(
+            ["Client_001", None],
             [{}, {"type": FAILURE}, {"type": "telemetry"}],
             [None, "application/json", "text/plain", "application/json; charset=utf-8"],
             [None, "utf-8", "UTF-8", "utf-16"],
-        ):
-            args = (raw, "Client_001", properties, content_type, encoding)
-            assert verdict(parse_message, *args) == verdict(_parse_with_reasons, *args), args
+        )
+    ]
+    cases += [(raw, "Client_002", {}, None, None) for raw in (None, b"", b"[1]", b"{", b'"x"', b"\xff")]
+    checked = check_messages(*(list(column) for column in zip(*cases, strict=True)))
+
+    accepted = 0
+    for index, (raw, device, properties, content_type, encoding) in enumerate(cases):
+        try:
+            expected = parse_message(raw, device, properties, content_type, encoding)
+        except InvalidMessage as error:
+            assert not checked.valid[index] and checked.reasons[index] == error.reason, cases[index]
+            continue
+        accepted += 1
+        assert checked.valid[index] and index not in checked.reasons, cases[index]
+        assert checked.cycles[index] == expected.cycle
+        assert checked.failure[index] == (expected.kind == FAILURE)
+        measured = checked.measurements[index]
+        assert list(measured) == list(expected.measurements) or (
+            expected.kind == FAILURE and all(measured != measured)
+        )
+    assert 0 < accepted < len(cases)

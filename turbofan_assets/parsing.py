@@ -1,4 +1,4 @@
-"""Validating one capture file, record by record: the CPU-bound half of ingestion.
+"""Validating one capture file: the CPU-bound half of ingestion.
 
 Kept apart from the warehouse code and light to import (no pandas, no DuckDB), because it
 runs in worker processes.
@@ -11,10 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from turbofan_core.capture import DEVICE_ID, CorruptCaptureFile, iter_capture
-from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, parse_message
-
-_NO_MEASUREMENTS = (np.nan,) * len(MEASUREMENTS)
+from turbofan_core.capture import CorruptCaptureFile, read_columns
+from turbofan_core.telemetry import check_messages
 
 
 @dataclass
@@ -49,56 +47,38 @@ class ParsedFile:
 
 def parse_file(name: str, data: bytes) -> ParsedFile | CorruptCaptureFile:
     """Validate every record of a whole file; an unreadable file comes back as its error."""
-    devices: list[str] = []
-    failure: list[bool] = []
-    cycles: list[int] = []
-    measurements: list[tuple[float, ...]] = []
-    times: list[str] = []
-    positions: list[int] = []
-    quarantine: list[tuple] = []
-    interned: dict[str, str] = {}  # one string object per device: cheaper to send
-    position = -1
     try:
-        for position, record in enumerate(iter_capture(data)):
-            system = record.system_properties
-            try:
-                message = parse_message(
-                    record.body,
-                    system.get(DEVICE_ID),
-                    record.properties,
-                    system.get("contentType"),
-                    system.get("contentEncoding"),
-                )
-            except InvalidMessage as error:
-                quarantine.append(
-                    (
-                        name,
-                        position,
-                        system.get(DEVICE_ID),
-                        record.enqueued_time_utc,
-                        orjson.dumps(record.properties).decode(),
-                        record.body,
-                        error.reason,
-                    )
-                )
-                continue
-            is_failure = message.kind == FAILURE
-            devices.append(interned.setdefault(message.device_id, message.device_id))
-            failure.append(is_failure)
-            cycles.append(message.cycle)
-            measurements.append(_NO_MEASUREMENTS if is_failure else message.measurements)
-            times.append(record.enqueued_time_utc)
-            positions.append(position)
+        columns = read_columns(data)
     except CorruptCaptureFile as error:
         return error  # nothing of the file is kept: it is retried whole on the next run
+    checked = check_messages(
+        columns.bodies,
+        columns.device_ids,
+        columns.properties,
+        columns.content_types,
+        columns.content_encodings,
+    )
+    positions = np.flatnonzero(checked.valid)
+    kept = positions.tolist()
     return ParsedFile(
         name=name,
-        records=position + 1,
-        devices=devices,
-        failure=np.array(failure, dtype=bool),
-        cycles=np.array(cycles, dtype=np.int64),
-        measurements=np.array(measurements, dtype=np.float64).reshape(-1, len(MEASUREMENTS)),
-        times=times,
-        positions=np.array(positions, dtype=np.int64),
-        quarantine=quarantine,
+        records=len(columns),
+        devices=[columns.device_ids[i] for i in kept],
+        failure=checked.failure[positions],
+        cycles=checked.cycles[positions],
+        measurements=checked.measurements[positions],
+        times=[columns.enqueued_time_utc[i] for i in kept],
+        positions=positions,
+        quarantine=[
+            (
+                name,
+                position,
+                columns.device_ids[position],
+                columns.enqueued_time_utc[position],
+                orjson.dumps(columns.properties[position] or {}).decode(),
+                columns.bodies[position],
+                reason,
+            )
+            for position, reason in checked.reasons.items()
+        ],
     )

@@ -4,7 +4,8 @@ IoT Hub routing to Blob storage writes Avro container files whose records follow
 `Microsoft.Azure.Devices.Message`, named `{hub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}`.
 With JSON encoding it writes one JSON record per line, `Body` base64-encoded (or, for
 `application/json` + `utf-8` messages, the JSON body itself). Both are read here so the
-pipeline can be pointed at a real hub's container.
+pipeline can be pointed at a real hub's container: record by record (`iter_capture`, for
+tools and tests) or column by column (`read_columns`, for bulk ingestion).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from datetime import UTC, datetime
 
 import fastavro
 import orjson
+
+from turbofan_core._iothub_avro import decode_records
 
 AVRO_SCHEMA: dict = {
     "type": "record",
@@ -144,6 +147,78 @@ def _iter_avro(data: bytes) -> Iterator[CaptureRecord]:
             yield CaptureRecord(r["EnqueuedTimeUtc"], r["Body"], r["Properties"], r["SystemProperties"])
     except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
         raise CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureColumns:
+    """A whole capture file column by column, keeping only what the contract reads.
+
+    `properties` is None for a message without application properties (the usual
+    telemetry), so most messages cost no dict.
+    """
+
+    enqueued_time_utc: list[str] = field(default_factory=list)
+    properties: list[dict[str, str] | None] = field(default_factory=list)
+    device_ids: list[str | None] = field(default_factory=list)
+    content_types: list[str | None] = field(default_factory=list)
+    content_encodings: list[str | None] = field(default_factory=list)
+    bodies: list[bytes | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.bodies)
+
+    def extend(self, parts: Iterable[list]) -> None:
+        """Append columns given in field order, as `decode_records` returns them."""
+        own = (
+            self.enqueued_time_utc,
+            self.properties,
+            self.device_ids,
+            self.content_types,
+            self.content_encodings,
+            self.bodies,
+        )
+        for column, part in zip(own, parts, strict=True):
+            column.extend(part)
+
+
+_RECORD_FIELDS = [(f["name"], f["type"]) for f in AVRO_SCHEMA["fields"]]
+
+
+def read_columns(data: bytes) -> CaptureColumns:
+    """Read a whole capture file into columns; raise CorruptCaptureFile if it is not whole.
+
+    For Avro, fastavro reads the container (codec, sync markers, so truncation is caught)
+    and a C decoder turns each block's records into columns without a dict per record.
+    """
+    columns = CaptureColumns()
+    if not data.startswith(AVRO_MAGIC):
+        rows = [
+            (
+                r.enqueued_time_utc,
+                r.properties or None,
+                s.get(DEVICE_ID),
+                s.get("contentType"),
+                s.get("contentEncoding"),
+                r.body,
+            )
+            for r in _iter_json_lines(data)
+            for s in [r.system_properties]
+        ]
+        if rows:
+            columns.extend(map(list, zip(*rows, strict=True)))
+        return columns
+    try:
+        blocks = fastavro.block_reader(io.BytesIO(data))
+        fields = [(f["name"], f["type"]) for f in blocks.writer_schema.get("fields", [])]
+        if blocks.writer_schema.get("name") != _PARSED_SCHEMA["name"] or fields != _RECORD_FIELDS:
+            raise CorruptCaptureFile(f"not IoT Hub's {_PARSED_SCHEMA['name']} record schema: {fields}")
+        for block in blocks:
+            columns.extend(decode_records(block.bytes_.getbuffer(), block.num_records))
+    except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
+        if isinstance(error, CorruptCaptureFile):
+            raise
+        raise CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}") from None
+    return columns
 
 
 def _json_body(body: object) -> bytes | None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import orjson
 
 OPERATIONAL_SETTINGS: tuple[str, ...] = tuple(f"OperationalSetting{i}" for i in range(1, 4))
@@ -29,6 +31,7 @@ FAILURE = "failure"
 TELEMETRY = "telemetry"
 
 _NUMBER = (int, float)
+MAX_CYCLE = 2**63 - 1  # the warehouse stores cycles as BIGINT
 
 
 class InvalidMessage(ValueError):
@@ -57,22 +60,15 @@ def _cycle(body: Mapping[str, object]) -> int:
         raise InvalidMessage(f"CycleTime must be a positive integer, got {type(cycle).__name__} {cycle!r}")
     if isinstance(cycle, float) and not cycle.is_integer() or cycle < 1:
         raise InvalidMessage(f"CycleTime must be a positive integer, got {cycle!r}")
+    if cycle > MAX_CYCLE:
+        raise InvalidMessage(f"CycleTime {cycle!r} is too large (at most {MAX_CYCLE})")
     return int(cycle)
 
 
-_take_measurements = operator.itemgetter(*MEASUREMENTS)
 _PLAIN_NUMBERS = {float, int}
 
 
-def _measurements(body: Mapping[str, object]) -> tuple[float, ...]:
-    # Fast path, all in C: every field present, every value a float or int (not bool, whose
-    # type is not int), and a finite sum (a NaN or infinity anywhere makes the sum so).
-    try:
-        values = _take_measurements(body)
-    except KeyError:
-        values = None
-    if values is not None and set(map(type, values)) <= _PLAIN_NUMBERS and math.isfinite(sum(values)):
-        return values
+def _measurements(body: Mapping[str, object]) -> tuple[float | int, ...]:
     for name in MEASUREMENTS:
         if name not in body:
             raise InvalidMessage(f"missing field {name}")
@@ -83,8 +79,7 @@ def _measurements(body: Mapping[str, object]) -> tuple[float, ...]:
             raise InvalidMessage(f"{name} is NaN")
         if math.isinf(value):
             raise InvalidMessage(f"{name} is infinite")
-    # The values are finite but their sum overflowed: they are all valid.
-    return tuple(float(v) for v in values)
+    return tuple(body[name] for name in MEASUREMENTS)
 
 
 def _json_object(body: bytes | None) -> dict[str, object]:
@@ -106,10 +101,6 @@ def _json_object(body: bytes | None) -> dict[str, object]:
     return parsed
 
 
-_USUAL_CONTENT_TYPES = {CONTENT_TYPE, None}
-_USUAL_ENCODINGS = {CONTENT_ENCODING, None}
-
-
 def parse_message(
     body: bytes | None,
     device_id: str | None,
@@ -117,43 +108,7 @@ def parse_message(
     content_type: str | None = CONTENT_TYPE,
     content_encoding: str | None = CONTENT_ENCODING,
 ) -> Message:
-    """Validate one message as it arrived; raise InvalidMessage with a precise reason.
-
-    Ingestion calls this for every record, so the usual valid telemetry message is
-    accepted on a short path of C-level checks; anything else takes the full checks,
-    which accept the same messages and name the reason for refusing the others.
-    """
-    if (
-        device_id
-        and not properties
-        and content_type in _USUAL_CONTENT_TYPES
-        and content_encoding in _USUAL_ENCODINGS
-        and body
-    ):
-        try:
-            parsed = orjson.loads(body)
-            cycle = parsed["CycleTime"]
-            values = _take_measurements(parsed)
-        except (orjson.JSONDecodeError, TypeError, KeyError):
-            pass
-        else:
-            if (
-                type(cycle) is int
-                and cycle > 0
-                and set(map(type, values)) <= _PLAIN_NUMBERS
-                and math.isfinite(sum(values))
-            ):
-                return Message(device_id, TELEMETRY, cycle, values)
-    return _parse_with_reasons(body, device_id, properties, content_type, content_encoding)
-
-
-def _parse_with_reasons(
-    body: bytes | None,
-    device_id: str | None,
-    properties: Mapping[str, str],
-    content_type: str | None,
-    content_encoding: str | None,
-) -> Message:
+    """Validate one message as it arrived; raise InvalidMessage with a precise reason."""
     if not device_id:
         raise InvalidMessage("no device id (connectionDeviceId is missing)")
     if content_type is not None and content_type.split(";")[0].strip().lower() != CONTENT_TYPE:
@@ -168,6 +123,106 @@ def _parse_with_reasons(
     if kind == FAILURE:
         return Message(device_id, FAILURE, cycle, ())
     return Message(device_id, TELEMETRY, cycle, _measurements(parsed))
+
+
+@dataclass(frozen=True)
+class CheckedMessages:
+    """The verdicts on a batch of messages, one array row per message, in input order."""
+
+    valid: np.ndarray  # bool
+    failure: np.ndarray  # bool: a valid failure event
+    cycles: np.ndarray  # int64; 0 where refused
+    measurements: np.ndarray  # float64 (messages, len(MEASUREMENTS)); NaN where none
+    reasons: dict[int, str]  # refused message's index -> why
+
+
+_USUAL_CONTENT_TYPES = {CONTENT_TYPE, None}
+_USUAL_ENCODINGS = {CONTENT_ENCODING, None}
+_take_fields = operator.itemgetter(*FIELDS)
+_EXACT_IN_FLOAT = 2**53  # a larger CycleTime is left to parse_message, which keeps it exact
+
+
+def check_messages(
+    bodies: Sequence[bytes | None],
+    device_ids: Sequence[str | None],
+    properties: Sequence[Mapping[str, str] | None],
+    content_types: Sequence[str | None],
+    content_encodings: Sequence[str | None],
+) -> CheckedMessages:
+    """Validate a batch of messages, with parse_message's verdicts and reasons.
+
+    Ingestion validates every message, so the usual telemetry message (a device id, no
+    properties, the usual content type, a JSON body holding every field) is checked a
+    column at a time: types over the whole batch, NaN, infinity and cycle ranges in numpy.
+    Anything else goes through parse_message, which names the reason.
+    """
+    count = len(bodies)
+    usual: list[int] = []
+    rows: list[tuple] = []
+    others: list[int] = []
+    messages = zip(bodies, device_ids, properties, content_types, content_encodings, strict=True)
+    for index, (body, device_id, props, content_type, encoding) in enumerate(messages):
+        if (
+            device_id
+            and not props
+            and body
+            and content_type in _USUAL_CONTENT_TYPES
+            and encoding in _USUAL_ENCODINGS
+        ):
+            try:
+                rows.append(_take_fields(orjson.loads(body)))
+            except (orjson.JSONDecodeError, TypeError, KeyError):
+                pass
+            else:
+                usual.append(index)
+                continue
+        others.append(index)
+
+    valid = np.zeros(count, dtype=bool)
+    cycles = np.zeros(count, dtype=np.int64)
+    measurements = np.full((count, len(MEASUREMENTS)), np.nan)
+    if rows:
+        if set(map(type, chain.from_iterable(rows))) <= _PLAIN_NUMBERS and {type(r[0]) for r in rows} == {
+            int
+        }:
+            plain = np.ones(len(rows), dtype=bool)
+        else:  # a bool, a string, a float CycleTime...: those rows go the long way
+            plain = np.array([type(r[0]) is int and set(map(type, r)) <= _PLAIN_NUMBERS for r in rows])
+        if plain.all():
+            table = np.array(rows, dtype=np.float64)
+        else:
+            table = np.zeros((len(rows), len(FIELDS)))
+            table[plain] = [row for row, ok in zip(rows, plain, strict=True) if ok]
+        accept = (
+            plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
+        )
+        accepted = np.asarray(usual)[accept]
+        valid[accepted] = True
+        cycles[accepted] = table[accept, 0]
+        measurements[accepted] = table[accept, 1:]
+        others.extend(np.asarray(usual)[~accept].tolist())
+
+    failure = np.zeros(count, dtype=bool)
+    reasons: dict[int, str] = {}
+    for index in sorted(others):
+        try:
+            message = parse_message(
+                bodies[index],
+                device_ids[index],
+                properties[index] or {},
+                content_types[index],
+                content_encodings[index],
+            )
+        except InvalidMessage as error:
+            reasons[index] = error.reason
+            continue
+        valid[index] = True
+        cycles[index] = message.cycle
+        if message.kind == FAILURE:
+            failure[index] = True
+        else:
+            measurements[index] = message.measurements
+    return CheckedMessages(valid, failure, cycles, measurements, reasons)
 
 
 def encode_body(values: Mapping[str, float | int]) -> bytes:
