@@ -203,22 +203,30 @@ def test_duplicate_and_gapped_cycles_fail_their_checks(turbofan_home: Path) -> N
     assert outcome["sensor_values_in_physical_range"] is True
 
 
-def test_small_batches_give_the_same_warehouse(turbofan_home: Path, cmapss_dir: Path) -> None:
-    """Batches bound memory; splitting the work differently must not change the result."""
+def test_batches_and_worker_processes_give_the_same_warehouse(tmp_path: Path, cmapss_dir: Path) -> None:
+    """Batches bound memory and workers share the parsing: neither may change the result."""
     from turbofan_assets.ingest import ingest_new_files
 
-    home = Home.from_env()
-    store = LocalStore(home.landing)
+    store = LocalStore(tmp_path / "landing")
     with CaptureWriter(store, max_records=200) as writer:
         replay(read_cmapss(cmapss_dir / "train_FD001.txt"), writer, units=range(1, 11))
-    with duckdb.connect(str(home.warehouse)) as conn:
-        report = ingest_new_files(store, conn, batch_records=500)
-        assert report.files == len(list(store.list_names())) > 10
-        rows = conn.execute(
-            "SELECT count(*), count(DISTINCT device_id), max(lifetime) FROM telemetry"
-        ).fetchall()
-    assert rows == [(report.telemetry, 10, 1)]
-    assert report.failure_events == 10
+    tables = []
+    for name, options in [("one", {"workers": 1}), ("split", {"workers": 2, "batch_records": 500})]:
+        with duckdb.connect(str(tmp_path / f"{name}.duckdb")) as conn:
+            report = ingest_new_files(store, conn, **options)
+            assert report.files == len(list(store.list_names())) > 10
+            tables.append(
+                [
+                    conn.execute(
+                        f"SELECT * EXCLUDE ({skip}) FROM {table} ORDER BY source_file, position"
+                    ).fetchall()
+                    for table, skip in [("telemetry", "source_file"), ("failure_events", "source_file")]
+                ]
+            )
+    telemetry, failure_events = tables[0]
+    assert len(telemetry) == report.telemetry and len(failure_events) == report.failure_events == 10
+    assert {row[0] for row in telemetry} == {f"Client_{unit:03d}" for unit in range(1, 11)}
+    assert tables[0] == tables[1]
 
 
 @pytest.mark.azurite
@@ -256,4 +264,3 @@ def test_definitions_load_the_way_dagster_dev_loads_them(turbofan_home: Path) ->
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "turbofan_assets.definitions" in done.stdout + done.stderr
-

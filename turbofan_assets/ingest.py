@@ -30,6 +30,10 @@ from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import MEASUREMENTS
 
 BATCH_RECORDS = 200_000
+# Worker processes cost about half a second to start; below this many new files one
+# process is as fast (measured in bench/bench_ingest.py), and a sensor-triggered run
+# usually finds only a few.
+PARALLEL_MIN_FILES = 16
 
 
 @dataclass
@@ -124,7 +128,7 @@ def _parsed_in_order(
     The main process reads the bytes, so any store works; at most two files per worker
     are in flight, which bounds memory.
     """
-    if workers <= 1 or len(names) <= 1:
+    if workers <= 1:
         yield from ((name, parse_file(name, store.read(name))) for name in names)
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
@@ -145,7 +149,11 @@ def ingest_new_files(
     batch_records: int = BATCH_RECORDS,
     workers: int | None = None,
 ) -> IngestReport:
-    """Ingest every landing-zone file not yet in `ingested_files`."""
+    """Ingest every landing-zone file not yet in `ingested_files`.
+
+    `workers` parsing processes (default: one per core for a backlog of at least
+    PARALLEL_MIN_FILES files, else none).
+    """
     log = log or logging.getLogger(__name__)
     report = IngestReport()
     batch: list[ParsedFile] = []
@@ -164,7 +172,8 @@ def ingest_new_files(
             batch.clear()
 
     names = pending_files(store, conn)
-    workers = workers if workers is not None else os.cpu_count() or 1
+    if workers is None:
+        workers = (os.cpu_count() or 1) if len(names) >= PARALLEL_MIN_FILES else 1
     for name, parsed in _parsed_in_order(store, names, workers):
         if isinstance(parsed, CorruptCaptureFile):
             report.unreadable[name] = str(parsed)
