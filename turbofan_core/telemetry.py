@@ -142,6 +142,18 @@ _take_fields = operator.itemgetter(*FIELDS)
 _EXACT_IN_FLOAT = 2**53  # a larger CycleTime is left to parse_message, which keeps it exact
 
 
+def _plain_numbers(rows: list[tuple]) -> np.ndarray:
+    """Which rows (FIELDS values) hold an int CycleTime and plain numbers: not bool, str, None.
+
+    One C-level pass over the batch when all do, the usual case.
+    """
+    if {type(row[0]) for row in rows} == {int} and set(
+        map(type, chain.from_iterable(rows))
+    ) <= _PLAIN_NUMBERS:
+        return np.ones(len(rows), dtype=bool)
+    return np.array([type(row[0]) is int and set(map(type, row)) <= _PLAIN_NUMBERS for row in rows])
+
+
 def check_messages(
     bodies: Sequence[bytes | None],
     device_ids: Sequence[str | None],
@@ -182,25 +194,15 @@ def check_messages(
     cycles = np.zeros(count, dtype=np.int64)
     measurements = np.full((count, len(MEASUREMENTS)), np.nan)
     if rows:
-        if set(map(type, chain.from_iterable(rows))) <= _PLAIN_NUMBERS and {type(r[0]) for r in rows} == {
-            int
-        }:
-            plain = np.ones(len(rows), dtype=bool)
-        else:  # a bool, a string, a float CycleTime...: those rows go the long way
-            plain = np.array([type(r[0]) is int and set(map(type, r)) <= _PLAIN_NUMBERS for r in rows])
-        if plain.all():
-            table = np.array(rows, dtype=np.float64)
-        else:
-            table = np.zeros((len(rows), len(FIELDS)))
-            table[plain] = [row for row, ok in zip(rows, plain, strict=True) if ok]
-        accept = (
-            plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
-        )
-        accepted = np.asarray(usual)[accept]
-        valid[accepted] = True
-        cycles[accepted] = table[accept, 0]
-        measurements[accepted] = table[accept, 1:]
-        others.extend(np.asarray(usual)[~accept].tolist())
+        plain = _plain_numbers(rows)
+        table = np.zeros((len(rows), len(FIELDS)))
+        table[plain] = rows if plain.all() else [row for row, ok in zip(rows, plain, strict=True) if ok]
+        accept = plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
+        usual_at = np.asarray(usual)
+        valid[usual_at[accept]] = True
+        cycles[usual_at[accept]] = table[accept, 0]
+        measurements[usual_at[accept]] = table[accept, 1:]
+        others.extend(usual_at[~accept].tolist())
 
     failure = np.zeros(count, dtype=bool)
     reasons: dict[int, str] = {}
