@@ -105,7 +105,7 @@ def test_map_blocks_with_byte_sizes_and_repeated_keys() -> None:
         + long(2) + text(DEVICE_ID) + text("A") + text(DEVICE_ID) + text("B") + long(0)
         + long(1) + text(b'{"CycleTime": 3}')
     )  # fmt: skip
-    times, properties, devices, content_types, encodings, bodies = decode_records(record * 2, 2)
+    times, properties, devices, content_types, encodings, bodies = decode_records(record * 2, 2, {})
     assert times == ["t", "t"] and properties == [{"type": "failure"}] * 2 and devices == ["B", "B"]
     assert content_types == encodings == [None, None] and bodies == [b'{"CycleTime": 3}'] * 2
     assert devices[0] is devices[1]  # one object per device id, whatever the message count
@@ -131,12 +131,12 @@ EMPTY = text("t") + long(0) + long(0) + long(0)
 )
 def test_malformed_blocks_are_refused_with_where_and_why(block: bytes, count: int, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        decode_records(block, count)
+        decode_records(block, count, {})
 
 
 def test_invalid_utf8_in_a_string_is_refused() -> None:
     with pytest.raises(UnicodeDecodeError):
-        decode_records(text(b"\xff\xfe") + long(0) + long(0) + long(0), 1)
+        decode_records(text(b"\xff\xfe") + long(0) + long(0) + long(0), 1, {})
 
 
 def test_corrupted_blocks_never_crash_the_decoder() -> None:
@@ -144,7 +144,7 @@ def test_corrupted_blocks_never_crash_the_decoder() -> None:
     data = encode_avro(RECORDS * 4, codec="null")
     block = next(iter(fastavro.block_reader(io.BytesIO(data))))
     good, count = bytes(block.bytes_.getbuffer()), block.num_records
-    assert len(decode_records(good, count)[0]) == count
+    assert len(decode_records(good, count, {})[0]) == count
     rng = random.Random(20261127)
     refused = 0
     for _ in range(5000):
@@ -154,7 +154,7 @@ def test_corrupted_blocks_never_crash_the_decoder() -> None:
         if rng.random() < 0.3:
             del mutated[rng.randrange(len(mutated)) :]
         try:
-            decoded = decode_records(bytes(mutated), count + rng.choice([0, 0, 0, -1, 1]))
+            decoded = decode_records(bytes(mutated), count + rng.choice([0, 0, 0, -1, 1]), {})
         except ValueError:
             refused += 1
         else:

@@ -67,10 +67,11 @@ static const char *const KEPT[] = {"connectionDeviceId", "contentType", "content
 /*
  * A map<string>. With `dict` set, every entry goes into a dict created at the first entry
  * (so an empty map stays NULL); with `kept` set, only the values of the KEPT keys are kept,
- * interned so that a device's id is one object however many messages it sent. As in
- * Avro's reference readers, a repeated key keeps its last value.
+ * one object per distinct value through `strings` (the caller's dict), so that a device's
+ * id is one object however many messages it sent. As in Avro's reference readers, a
+ * repeated key keeps its last value.
  */
-static int read_map(Reader *r, PyObject **dict, PyObject **kept) {
+static int read_map(Reader *r, PyObject **dict, PyObject **kept, PyObject *strings) {
     for (;;) {
         long long count;
         if (read_long(r, &count) < 0) return -1;
@@ -100,8 +101,11 @@ static int read_map(Reader *r, PyObject **dict, PyObject **kept) {
                 if ((size_t)key_size != strlen(KEPT[j]) || memcmp(key, KEPT[j], key_size) != 0) continue;
                 PyObject *v = PyUnicode_DecodeUTF8(value, value_size, "strict");
                 if (v == NULL) return -1;
-                PyUnicode_InternInPlace(&v);
-                Py_XSETREF(kept[j], v);
+                PyObject *first = PyDict_SetDefault(strings, v, v); /* borrowed */
+                Py_XINCREF(first);
+                Py_DECREF(v);
+                if (first == NULL) return -1;
+                Py_XSETREF(kept[j], first);
             }
         }
     }
@@ -126,7 +130,8 @@ enum { TIMES, PROPERTIES, DEVICE_IDS, CONTENT_TYPES, CONTENT_ENCODINGS, BODIES, 
 static PyObject *decode_records(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_buffer buffer;
     Py_ssize_t count;
-    if (!PyArg_ParseTuple(args, "y*n", &buffer, &count)) return NULL;
+    PyObject *strings;
+    if (!PyArg_ParseTuple(args, "y*nO!", &buffer, &count, &PyDict_Type, &strings)) return NULL;
     Reader r = {buffer.buf, buffer.buf, (const unsigned char *)buffer.buf + buffer.len};
     PyObject *columns[N_COLUMNS] = {NULL};
     PyObject *result = NULL;
@@ -144,14 +149,14 @@ static PyObject *decode_records(PyObject *Py_UNUSED(module), PyObject *args) {
         PyList_SET_ITEM(columns[TIMES], i, time);
 
         PyObject *properties = NULL;
-        if (read_map(&r, &properties, NULL) < 0) {
+        if (read_map(&r, &properties, NULL, NULL) < 0) {
             Py_XDECREF(properties);
             goto done;
         }
         PyList_SET_ITEM(columns[PROPERTIES], i, properties ? properties : Py_NewRef(Py_None));
 
         PyObject *kept[N_KEPT] = {NULL};
-        int status = read_map(&r, NULL, kept);
+        int status = read_map(&r, NULL, kept, strings);
         for (int j = 0; j < N_KEPT; j++) {
             PyList_SET_ITEM(columns[DEVICE_IDS + j], i, kept[j] ? kept[j] : Py_NewRef(Py_None));
         }
@@ -179,10 +184,12 @@ done:
 
 static PyMethodDef methods[] = {
     {"decode_records", decode_records, METH_VARARGS,
-     "decode_records(block, count) -> (times, properties, device_ids, content_types, "
+     "decode_records(block, count, strings) -> (times, properties, device_ids, content_types, "
      "content_encodings, bodies)\n\n"
      "The records of one inflated capture block as six lists. `properties` holds None for a "
-     "message without application properties. Raises ValueError on malformed data."},
+     "message without application properties. `strings` is a dict shared by the blocks of a "
+     "file, so each distinct device id, content type and encoding is one object. Raises "
+     "ValueError on malformed data."},
     {NULL, NULL, 0, NULL},
 };
 

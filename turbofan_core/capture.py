@@ -212,8 +212,9 @@ def read_columns(data: bytes) -> CaptureColumns:
         fields = [(f["name"], f["type"]) for f in blocks.writer_schema.get("fields", [])]
         if blocks.writer_schema.get("name") != _PARSED_SCHEMA["name"] or fields != _RECORD_FIELDS:
             raise CorruptCaptureFile(f"not IoT Hub's {_PARSED_SCHEMA['name']} record schema: {fields}")
+        strings: dict[str, str] = {}  # one object per device id in the whole file
         for block in blocks:
-            columns.extend(decode_records(block.bytes_.getbuffer(), block.num_records))
+            columns.extend(decode_records(block.bytes_.getbuffer(), block.num_records, strings))
     except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
         if isinstance(error, CorruptCaptureFile):
             raise
