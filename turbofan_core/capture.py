@@ -141,12 +141,20 @@ def iter_capture(data: bytes) -> Iterator[CaptureRecord]:
     return _iter_avro(data) if data.startswith(AVRO_MAGIC) else _iter_json_lines(data)
 
 
+# What fastavro and the block decoder raise on a file that is truncated or not Avro.
+_AVRO_ERRORS = (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration)
+
+
+def _unreadable(error: Exception) -> CorruptCaptureFile:
+    return CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}")
+
+
 def _iter_avro(data: bytes) -> Iterator[CaptureRecord]:
     try:
         for r in fastavro.reader(io.BytesIO(data)):
             yield CaptureRecord(r["EnqueuedTimeUtc"], r["Body"], r["Properties"], r["SystemProperties"])
-    except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
-        raise CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}") from None
+    except _AVRO_ERRORS as error:
+        raise _unreadable(error) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +223,10 @@ def read_columns(data: bytes) -> CaptureColumns:
         strings: dict[str, str] = {}  # one object per device id in the whole file
         for block in blocks:
             columns.extend(decode_records(block.bytes_.getbuffer(), block.num_records, strings))
-    except (EOFError, ValueError, TypeError, KeyError, zlib.error, StopIteration) as error:
-        if isinstance(error, CorruptCaptureFile):
-            raise
-        raise CorruptCaptureFile(f"unreadable Avro capture: {type(error).__name__}: {error}") from None
+    except CorruptCaptureFile:
+        raise
+    except _AVRO_ERRORS as error:
+        raise _unreadable(error) from None
     return columns
 
 
