@@ -31,7 +31,7 @@ from turbofan_core.telemetry import MEASUREMENTS
 
 BATCH_RECORDS = 200_000
 # Worker processes cost about half a second to start; below this many new files one
-# process is as fast (measured in bench/bench_ingest.py), and a sensor-triggered run
+# process is as fast (figures in docs/benchmarks.md), and a sensor-triggered run
 # usually finds only a few.
 PARALLEL_MIN_FILES = 16
 
