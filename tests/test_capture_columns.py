@@ -29,7 +29,7 @@ from turbofan_core.capture import (
 WHEN = datetime(2026, 11, 27, 19, 5, 42, 123456, tzinfo=UTC)
 RECORDS = [
     device_message("Client_001", b'{"CycleTime": 1, "Sensor2": 641.82}', WHEN, {}),
-    device_message("Client_001", b'{"CycleTime": 192}', WHEN, {"type": "failure"}),
+    device_message("Client_001", b'{"CycleTime": 192}', WHEN, {"type": "failure"}, message_id="m-192"),
     device_message(
         "Motor_\u00e9\u6a5f", '{"Note": "\u00e9"}'.encode(), WHEN, {"type": "telemetry", "v": "1.2"}
     ),
@@ -46,6 +46,7 @@ def columns_of(records: list[CaptureRecord]) -> CaptureColumns:
         [r.system_properties.get(DEVICE_ID) for r in records],
         [r.system_properties.get("contentType") for r in records],
         [r.system_properties.get("contentEncoding") for r in records],
+        [r.message_id for r in records],
         [r.body for r in records],
     )
 
@@ -57,6 +58,7 @@ def test_avro_columns_hold_what_the_record_reader_reads(codec: str) -> None:
     assert len(columns) == len(RECORDS) * 700
     assert columns == columns_of(read_capture(data))
     assert columns.properties[0] is None and columns.properties[2] == {"type": "telemetry", "v": "1.2"}
+    assert columns.message_ids[:2] == [None, "m-192"]
 
 
 def test_json_lines_columns_hold_what_the_record_reader_reads() -> None:
@@ -105,9 +107,9 @@ def test_map_blocks_with_byte_sizes_and_repeated_keys() -> None:
         + long(2) + text(DEVICE_ID) + text("A") + text(DEVICE_ID) + text("B") + long(0)
         + long(1) + text(b'{"CycleTime": 3}')
     )  # fmt: skip
-    times, properties, devices, content_types, encodings, bodies = decode_records(record * 2, 2, {})
+    times, properties, devices, content_types, encodings, ids, bodies = decode_records(record * 2, 2, {})
     assert times == ["t", "t"] and properties == [{"type": "failure"}] * 2 and devices == ["B", "B"]
-    assert content_types == encodings == [None, None] and bodies == [b'{"CycleTime": 3}'] * 2
+    assert content_types == encodings == ids == [None, None] and bodies == [b'{"CycleTime": 3}'] * 2
     assert devices[0] is devices[1]  # one object per device id, whatever the message count
 
 

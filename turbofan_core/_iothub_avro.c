@@ -9,7 +9,7 @@
  *
  * Why C: decoding record by record builds two dicts and about fifteen strings per message,
  * which made it the largest cost of ingestion. Here a message with no application
- * properties gets no dict, and of the system properties only the three the contract reads
+ * properties gets no dict, and of the system properties only the four the contract reads
  * are kept. Every length is checked against the block: malformed data raises ValueError
  * and never reads past the buffer.
  */
@@ -60,9 +60,11 @@ static PyObject *read_string(Reader *r) {
     return PyUnicode_DecodeUTF8(data, size, "strict");
 }
 
-/* The system properties the contract reads; the others are skipped. */
-static const char *const KEPT[] = {"connectionDeviceId", "contentType", "contentEncoding"};
-#define N_KEPT 3
+/* The system properties the contract reads; the others are skipped. The first N_SHARED take
+   few distinct values in a file and are shared through `strings`; a message id is unique. */
+static const char *const KEPT[] = {"connectionDeviceId", "contentType", "contentEncoding", "messageId"};
+#define N_KEPT 4
+#define N_SHARED 3
 
 /*
  * A map<string>. With `dict` set, every entry goes into a dict created at the first entry
@@ -101,6 +103,10 @@ static int read_map(Reader *r, PyObject **dict, PyObject **kept, PyObject *strin
                 if ((size_t)key_size != strlen(KEPT[j]) || memcmp(key, KEPT[j], key_size) != 0) continue;
                 PyObject *v = PyUnicode_DecodeUTF8(value, value_size, "strict");
                 if (v == NULL) return -1;
+                if (j >= N_SHARED) {
+                    Py_XSETREF(kept[j], v);
+                    continue;
+                }
                 PyObject *first = PyDict_SetDefault(strings, v, v); /* borrowed */
                 Py_XINCREF(first);
                 Py_DECREF(v);
@@ -125,7 +131,7 @@ static PyObject *read_body(Reader *r) {
     return PyBytes_FromStringAndSize(data, size);
 }
 
-enum { TIMES, PROPERTIES, DEVICE_IDS, CONTENT_TYPES, CONTENT_ENCODINGS, BODIES, N_COLUMNS };
+enum { TIMES, PROPERTIES, DEVICE_IDS, CONTENT_TYPES, CONTENT_ENCODINGS, MESSAGE_IDS, BODIES, N_COLUMNS };
 
 static PyObject *decode_records(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_buffer buffer;
@@ -185,8 +191,8 @@ done:
 static PyMethodDef methods[] = {
     {"decode_records", decode_records, METH_VARARGS,
      "decode_records(block, count, strings) -> (times, properties, device_ids, content_types, "
-     "content_encodings, bodies)\n\n"
-     "The records of one inflated capture block as six lists. `properties` holds None for a "
+     "content_encodings, message_ids, bodies)\n\n"
+     "The records of one inflated capture block as seven lists. `properties` holds None for a "
      "message without application properties. `strings` is a dict shared by the blocks of a "
      "file, so each distinct device id, content type and encoding is one object. Raises "
      "ValueError on malformed data."},

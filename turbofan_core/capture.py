@@ -36,6 +36,7 @@ AVRO_SCHEMA: dict = {
 _PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
 AVRO_MAGIC = b"Obj\x01"
 DEVICE_ID = "connectionDeviceId"
+MESSAGE_ID = "messageId"  # set by the device (azure-iot-device's Message.message_id); IoT Hub keeps it
 DEFAULT_PARTITIONS = 4
 _SAS_AUTH = '{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}'
 
@@ -57,27 +58,40 @@ class CaptureRecord:
     def device_id(self) -> str | None:
         return self.system_properties.get(DEVICE_ID)
 
+    @property
+    def message_id(self) -> str | None:
+        return self.system_properties.get(MESSAGE_ID)
+
 
 def format_enqueued_time(when: datetime) -> str:
     """IoT Hub's EnqueuedTimeUtc text: ISO 8601 with seven fractional digits and Z."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
 
 
-def device_message(device_id: str, body: bytes, when: datetime, properties: dict[str, str]) -> CaptureRecord:
-    """The record IoT Hub routes for a JSON message sent by an authenticated device."""
+def device_message(
+    device_id: str,
+    body: bytes,
+    when: datetime,
+    properties: dict[str, str],
+    message_id: str | None = None,
+) -> CaptureRecord:
+    """The record IoT Hub routes for a JSON message sent by an authenticated device.
+
+    `message_id` is the device's own id for the message (kept across resends), when it set one.
+    """
     enqueued = format_enqueued_time(when)
+    system = {
+        DEVICE_ID: device_id,
+        "connectionAuthMethod": _SAS_AUTH,
+        "connectionDeviceGenerationId": "0",
+        "contentType": "application/json",
+        "contentEncoding": "utf-8",
+        "enqueuedTime": enqueued,
+    }
+    if message_id is not None:
+        system[MESSAGE_ID] = message_id
     return CaptureRecord(
-        enqueued_time_utc=enqueued,
-        body=body,
-        properties=dict(properties),
-        system_properties={
-            DEVICE_ID: device_id,
-            "connectionAuthMethod": _SAS_AUTH,
-            "connectionDeviceGenerationId": "0",
-            "contentType": "application/json",
-            "contentEncoding": "utf-8",
-            "enqueuedTime": enqueued,
-        },
+        enqueued_time_utc=enqueued, body=body, properties=dict(properties), system_properties=system
     )
 
 
@@ -170,6 +184,7 @@ class CaptureColumns:
     device_ids: list[str | None] = field(default_factory=list)
     content_types: list[str | None] = field(default_factory=list)
     content_encodings: list[str | None] = field(default_factory=list)
+    message_ids: list[str | None] = field(default_factory=list)
     bodies: list[bytes | None] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -183,6 +198,7 @@ class CaptureColumns:
             self.device_ids,
             self.content_types,
             self.content_encodings,
+            self.message_ids,
             self.bodies,
         )
         for column, part in zip(own, parts, strict=True):
@@ -207,6 +223,7 @@ def read_columns(data: bytes) -> CaptureColumns:
                 s.get(DEVICE_ID),
                 s.get("contentType"),
                 s.get("contentEncoding"),
+                s.get(MESSAGE_ID),
                 r.body,
             )
             for r in _iter_json_lines(data)
