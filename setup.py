@@ -29,6 +29,7 @@ setup(
     packages=find_packages(
         include=[
             "turbofan_core*",
+            "turbofan_warehouse*",
             "turbofan_assets*",
             "simulator*",
             "turbofan_cli*",

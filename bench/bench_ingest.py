@@ -23,7 +23,7 @@ import pandas as pd
 
 from simulator.capture_writer import CaptureWriter
 from simulator.replay import replay
-from turbofan_assets.ingest import ingest_new_files
+from turbofan_warehouse.ingest import ingest_new_files
 from turbofan_core.capture import read_capture
 from turbofan_core.cmapss import UNIT, read_cmapss
 from turbofan_core.home import Home

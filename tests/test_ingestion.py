@@ -60,10 +60,23 @@ def replay_train(store: ObjectStore, cmapss_dir: Path, units: list[int] | None =
         replay(read_cmapss(cmapss_dir / "train_FD001.txt"), writer, units=units)
 
 
-def message(device: str, cycle: int, minute: int = 0, **props: str) -> CaptureRecord:
+def message(
+    device: str,
+    cycle: int,
+    minute: int = 0,
+    message_id: str | None = None,
+    sensor1: float | None = None,
+    **props: str,
+) -> CaptureRecord:
     values = {"CycleTime": cycle, **{name: (lo + hi) / 2 for name, (lo, hi) in PHYSICAL_RANGES.items()}}
+    if sensor1 is not None:
+        values["Sensor1"] = sensor1
     body = encode_body({"CycleTime": cycle} if props.get("type") == FAILURE else values)
-    return device_message(device, body, T0 + timedelta(minutes=minute), props)
+    return device_message(device, body, T0 + timedelta(minutes=minute), props, message_id)
+
+
+def materialized(result) -> set[str]:
+    return {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
 
 
 def test_all_fd001_train_rows_land_once(turbofan_home: Path, cmapss_dir: Path) -> None:
@@ -73,7 +86,8 @@ def test_all_fd001_train_rows_land_once(turbofan_home: Path, cmapss_dir: Path) -
     first = run(home)
     assert metadata(first, "raw_telemetry")["dagster/row_count"] == FD001_TRAIN_ROWS
     assert metadata(first, "failure_events")["dagster/row_count"] == 100
-    assert metadata(first, "telemetry_quarantine")["dagster/row_count"] == 0
+    assert "telemetry_quarantine" not in materialized(first)  # nothing was quarantined
+    assert query(home, "SELECT count(*) FROM telemetry_quarantine") == [(0,)]
     labels = metadata(first, "rul_labels")
     assert (labels["dagster/row_count"], labels["labelled_trajectories"]) == (FD001_TRAIN_ROWS, 100)
     assert metadata(first, "reference_test_fleet")["dagster/row_count"] == 13_096
@@ -86,9 +100,9 @@ def test_all_fd001_train_rows_land_once(turbofan_home: Path, cmapss_dir: Path) -
         (92,)
     ]
 
+    # Nothing new: no ingestion output is materialised, so nothing downstream runs again.
     again = run(home)
-    assert metadata(again, "raw_telemetry")["new_rows"] == 0
-    assert metadata(again, "raw_telemetry")["new_files"] == 0
+    assert materialized(again) == {"reference_test_fleet"}  # it reads C-MAPSS files, not the landing zone
     assert query(home, "SELECT count(*) FROM telemetry") == [(FD001_TRAIN_ROWS,)]
     assert query(home, "SELECT count(*) FROM failure_events") == [(100,)]
 
@@ -135,7 +149,7 @@ def test_bad_records_are_quarantined_and_the_rest_ingested(turbofan_home: Path) 
     assert reasons[0].startswith("body is not JSON")
     assert reasons[1:] == ["no device id (connectionDeviceId is missing)", "Sensor3 is NaN"]
     assert metadata(result, "telemetry_quarantine")["new_rows"] == 3
-    assert query(home, "SELECT records, telemetry, quarantined FROM ingested_files") == [(6, 3, 3)]
+    assert query(home, "SELECT records, telemetry, quarantined FROM landing_files") == [(6, 3, 3)]
     # Half the records were bad: the quarantine-rate check fails, and says why.
     assert checks(result)["quarantine_rate_below_threshold"] is False
 
@@ -148,19 +162,21 @@ def test_truncated_file_is_reported_and_retried_not_half_ingested(turbofan_home:
     partial.parent.mkdir(parents=True)
     partial.write_bytes(whole[: len(whole) // 2])
 
-    first = run(home, batch=[ingest_landing_zone])
-    raw = metadata(first, "raw_telemetry")
-    assert (raw["new_rows"], raw["unreadable_files"]) == (0, 1)
-    assert "hub/01/2026/11/27/08/00" in raw["unreadable_files_retried_next_run"]
-    assert query(home, "SELECT count(*) FROM telemetry UNION ALL SELECT count(*) FROM ingested_files") == [
-        (0,),
-        (0,),
-    ]
+    first = run(home, batch=[ingest_landing_zone, *CHECKS])
+    assert materialized(first) == {"telemetry_quarantine"}
+    assert (
+        "hub/01/2026/11/27/08/00"
+        in metadata(first, "telemetry_quarantine")["unreadable_files_retried_next_run"]
+    )
+    assert checks(first) == {"landing_files_readable": False, "quarantine_rate_below_threshold": True}
+    assert query(home, "SELECT count(*) FROM telemetry") == [(0,)]
+    assert query(home, "SELECT status, attempts FROM landing_files") == [("unreadable", 1)]
 
     partial.write_bytes(whole)  # the upload completes
-    second = run(home, batch=[ingest_landing_zone])
+    second = run(home, batch=[ingest_landing_zone, *CHECKS])
     assert metadata(second, "raw_telemetry")["new_rows"] == 5 * 199
-    assert metadata(second, "raw_telemetry")["unreadable_files"] == 0
+    assert query(home, "SELECT status, attempts FROM landing_files") == [("ingested", 0)]
+    assert "telemetry_quarantine" not in materialized(second)
 
 
 def test_an_engine_replaced_after_failure_is_a_new_lifetime(turbofan_home: Path) -> None:
@@ -194,7 +210,9 @@ def test_an_engine_replaced_after_failure_is_a_new_lifetime(turbofan_home: Path)
 
 def test_duplicate_and_gapped_cycles_fail_their_checks(turbofan_home: Path) -> None:
     home = Home.from_env()
-    records = [message("Client_007", c) for c in (1, 2, 2, 4)]
+    # Cycle 2 twice with different readings and ids: not a redelivery, a device that repeats a cycle.
+    records = [message("Client_007", c, message_id=f"m{c}") for c in (1, 2, 4)]
+    records.append(message("Client_007", 2, message_id="m2-again", sensor1=600.0))
     LocalStore(home.landing).create("hub/03/2026/11/27/08/00", encode_avro(records))
     result = run(home, batch=[ingest_landing_zone, *CHECKS])
     outcome = checks(result)
@@ -205,7 +223,7 @@ def test_duplicate_and_gapped_cycles_fail_their_checks(turbofan_home: Path) -> N
 
 def test_batches_and_worker_processes_give_the_same_warehouse(tmp_path: Path, cmapss_dir: Path) -> None:
     """Batches bound memory and workers share the parsing: neither may change the result."""
-    from turbofan_assets.ingest import ingest_new_files
+    from turbofan_warehouse.ingest import ingest_new_files
 
     store = LocalStore(tmp_path / "landing")
     with CaptureWriter(store, max_records=200) as writer:
@@ -247,7 +265,7 @@ def test_the_same_flow_on_an_azurite_blob_container(
     assert not (home.landing).exists()  # nothing was read from or written to the local default
 
     again = run(home, landing_zone=landing, batch=[ingest_landing_zone])
-    assert metadata(again, "raw_telemetry")["new_rows"] == 0
+    assert materialized(again) == set()  # blob etags unchanged: nothing read again
 
 
 def test_definitions_load_the_way_dagster_dev_loads_them(turbofan_home: Path) -> None:

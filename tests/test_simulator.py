@@ -7,10 +7,12 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import count, pairwise
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pandas as pd
@@ -19,6 +21,7 @@ from conftest import REPO_ROOT, AzuriteInfo
 
 from simulator.capture_writer import CaptureWriter
 from simulator.replay import ReplayInterrupted, ReplayStats, UnknownUnits, replay
+from turbofan_cli import simulate
 from turbofan_cli.main import main
 from turbofan_core.capture import CaptureRecord, partition_of, read_capture
 from turbofan_core.cmapss import UNIT, read_cmapss
@@ -27,6 +30,7 @@ from turbofan_core.telemetry import FAILURE, FIELDS, TELEMETRY, parse_message
 
 START = datetime(2024, 3, 1, 11, 58, 30, tzinfo=UTC)
 NAME = re.compile(r"turbofan-hub/(0[0-3])/\d{4}/\d\d/\d\d/\d\d/\d\d(-\d{4})?")
+SIX = range(1, 7)  # units 1-6: 1,304 cycles, enough for several files and minutes, fast to replay
 
 
 def ticking_clock(step: timedelta) -> Callable[[], datetime]:
@@ -43,6 +47,22 @@ def read_partitions(store: ObjectStore) -> dict[str, list[CaptureRecord]]:
         assert match, f"unexpected file name {name}"
         partitions.setdefault(match[1], []).extend(read_capture(store.read(name)))
     return partitions
+
+
+class RecordingStore(LocalStore):
+    """A LocalStore that remembers the order files were created in (the order a reader sees them appear)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.created: list[str] = []
+
+    def create(self, name: str, data: bytes) -> None:
+        super().create(name, data)
+        self.created.append(name)
+
+
+def read_files(store: ObjectStore) -> dict[str, list[CaptureRecord]]:
+    return {name: read_capture(store.read(name)) for name in store.list_names()}
 
 
 def by_device(partitions: dict[str, list[CaptureRecord]]) -> dict[str, list[CaptureRecord]]:
@@ -215,6 +235,275 @@ def test_rate_paces_rounds(train: pd.DataFrame, tmp_path: Path) -> None:
     records = by_device(read_partitions(LocalStore(tmp_path)))["Client_001"]
     times = [datetime.fromisoformat(r.enqueued_time_utc) for r in records]
     assert all(later - earlier >= timedelta(milliseconds=15) for earlier, later in pairwise(times))
+
+
+def test_message_ids_are_unique_per_device_and_the_same_in_every_replay(
+    train: pd.DataFrame, tmp_path: Path
+) -> None:
+    ids: list[dict[str, list[str | None]]] = []
+    for run, start in enumerate((START, START + timedelta(days=1))):  # ids must not depend on the time
+        store = LocalStore(tmp_path / str(run))
+        with CaptureWriter(store) as writer:
+            replay(train, writer, units=[1, 2, 9], clock=lambda start=start: start)
+        ids.append({d: [r.message_id for r in rs] for d, rs in by_device(read_partitions(store)).items()})
+
+    assert ids[0] == ids[1]
+    for unit in (1, 2, 9):
+        device = f"Client_{unit:03d}"
+        cycles = train.loc[train[UNIT] == unit, "CycleTime"]
+        expected = [f"{device}-u{unit:03d}-c{cycle:04d}" for cycle in cycles] + [
+            f"{device}-u{unit:03d}-failure"
+        ]
+        assert ids[0][device] == expected
+        assert len(set(ids[0][device])) == len(expected)
+
+
+def test_engines_per_device_fly_one_after_another_after_each_failure(
+    train: pd.DataFrame, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path)
+    sent: list[CaptureRecord] = []
+    with CaptureWriter(store, max_records=100) as writer:
+        stats = replay(
+            train,
+            writer,
+            units=[6, 5, 4, 3, 2, 1],
+            clock=ticking_clock(timedelta(milliseconds=100)),
+            on_message=sent.append,
+            engines_per_device=2,
+        )
+
+    assert (stats.devices, stats.messages, stats.failure_events) == (3, int(train[UNIT].isin(SIX).sum()), 6)
+    devices = by_device(read_partitions(store))
+    assert sorted(devices) == ["Client_001", "Client_002", "Client_003"]
+    for device, records in devices.items():
+        times = [datetime.fromisoformat(r.enqueued_time_utc) for r in records]
+        assert times == sorted(times), "a device's records in file order are in enqueued-time order"
+        messages = [
+            parse_message(r.body, r.device_id, r.properties, r.system_properties["contentType"])
+            for r in records
+        ]
+        expected: list[tuple[str, int, str]] = []
+        for unit in (2 * int(device[-3:]) - 1, 2 * int(device[-3:])):  # Client_002 flies units 3 then 4
+            cycles = train.loc[train[UNIT] == unit, "CycleTime"].tolist()
+            assert cycles[0] == 1
+            expected += [(TELEMETRY, cycle, f"{device}-u{unit:03d}-c{cycle:04d}") for cycle in cycles]
+            expected.append((FAILURE, cycles[-1], f"{device}-u{unit:03d}-failure"))
+        assert [(m.kind, m.cycle, r.message_id) for m, r in zip(messages, records, strict=True)] == expected
+
+    # Round by round: the k-th telemetry message of every device goes out before any device's k+1-th,
+    # so the second engine's cycle 1 is sent in the round after the first one's failure event.
+    telemetry = [r for r in sent if r.properties == {}]
+    rounds = Counter[str | None]()
+    keys = []
+    for record in telemetry:
+        keys.append((rounds[record.device_id], record.device_id))
+        rounds[record.device_id] += 1
+    assert keys == sorted(keys)
+
+
+def test_duplicates_are_resent_in_a_later_file_with_the_same_id_and_body(
+    train: pd.DataFrame, tmp_path: Path
+) -> None:
+    clean = LocalStore(tmp_path / "clean")
+    with CaptureWriter(clean) as writer:
+        once = replay(train, writer, units=SIX, clock=ticking_clock(timedelta(milliseconds=100)))
+    originals = {r.message_id: r for records in read_files(clean).values() for r in records}
+
+    store = LocalStore(tmp_path / "duplicates")
+    with CaptureWriter(store) as writer:
+        stats = replay(
+            train, writer, units=SIX, clock=ticking_clock(timedelta(milliseconds=100)), duplicates=0.1, seed=3
+        )
+
+    total = once.messages + once.failure_events
+    assert (stats.messages, stats.failure_events) == (once.messages, once.failure_events)
+    assert stats.duplicates == round(0.1 * total) > 0
+    copies: dict[str | None, list[tuple[str, CaptureRecord]]] = {}
+    for name, records in read_files(store).items():
+        for record in records:
+            copies.setdefault(record.message_id, []).append((name, record))
+    assert copies.keys() == originals.keys(), (
+        "the distinct messages are those of the replay without duplicates"
+    )
+    assert Counter(len(c) for c in copies.values()) == {1: total - stats.duplicates, 2: stats.duplicates}
+    last_original = max(c[0][1].enqueued_time_utc for c in copies.values())
+    resent_early = 0
+    for message_id, [(name, first), *again] in copies.items():
+        assert (first.body, first.properties) == (
+            originals[message_id].body,
+            originals[message_id].properties,
+        )
+        for copy_name, copy in again:
+            assert copy_name > name, "a copy lands in a later file of its partition, never in the original's"
+            assert (copy.body, copy.properties, copy.device_id) == (
+                first.body,
+                first.properties,
+                first.device_id,
+            )
+            assert copy.enqueued_time_utc > first.enqueued_time_utc
+            assert copy.system_properties["enqueuedTime"] == copy.enqueued_time_utc
+            resent_early += copy.enqueued_time_utc < last_original
+    assert resent_early > 0, "copies go out during the replay once their original's file is closed"
+
+    def duplicated(seed: int) -> set[str | None]:
+        sent: list[CaptureRecord] = []
+        with CaptureWriter(LocalStore(tmp_path / f"seed{seed}")) as writer:
+            replay(train, writer, units=SIX, duplicates=0.1, seed=seed, on_message=sent.append)
+        return {m for m, n in Counter(r.message_id for r in sent).items() if n == 2}
+
+    assert {m for m, c in copies.items() if len(c) == 2} == duplicated(3), "the same seed, the same copies"
+    assert duplicated(3) != duplicated(4)
+
+
+def test_late_files_are_published_after_later_ones_under_their_own_name(
+    train: pd.DataFrame, tmp_path: Path
+) -> None:
+    def publish(late: float, seed: int) -> tuple[RecordingStore, ReplayStats]:
+        store = RecordingStore(tmp_path / f"{late}-{seed}")
+        # 100 records per file also splits minutes: a late file must keep its name ahead of its -0001.
+        with CaptureWriter(store, max_records=100, late=late, seed=seed) as writer:
+            stats = replay(train, writer, units=SIX, clock=ticking_clock(timedelta(milliseconds=100)))
+        assert (stats.files, stats.late_files) == (len(store.created), writer.late_files)
+        return store, stats
+
+    in_time, _ = publish(0.0, 2)
+    late, stats = publish(0.3, 2)
+    assert late.created == publish(0.3, 2)[0].created != publish(0.3, 5)[0].created, "drawn with the seed"
+
+    assert read_files(late) == read_files(in_time), "the same files, names and records, only later"
+    for partition in ("00", "01", "02", "03"):
+        names = [name for name in in_time.created if name.split("/")[1] == partition]
+        assert names == sorted(names), "without late files a partition's files appear in name order"
+    closing = {name: i for i, name in enumerate(in_time.created)}
+    overtaken = [
+        name
+        for i, name in enumerate(late.created)
+        if any(closing[n] > closing[name] for n in late.created[:i])
+    ]
+    assert 0 < len(overtaken) == stats.late_files < len(late.created) // 2
+    same_partition = [
+        name
+        for i, name in enumerate(late.created)
+        if any(n > name and n.split("/")[1] == name.split("/")[1] for n in late.created[:i])
+    ]
+    assert same_partition, "a reader listing a partition sees a file appear before an earlier name"
+
+
+def test_interrupt_publishes_held_files_and_sent_copies(train: pd.DataFrame, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    sent: list[CaptureRecord] = []
+
+    def stop_after_900(record: CaptureRecord) -> None:
+        sent.append(record)
+        if len(sent) == 900:
+            raise KeyboardInterrupt
+
+    with (
+        pytest.raises(ReplayInterrupted) as stopped,
+        CaptureWriter(store, max_records=50, late=0.5) as writer,
+    ):
+        replay(
+            train,
+            writer,
+            units=SIX,
+            clock=ticking_clock(timedelta(milliseconds=100)),
+            on_message=stop_after_900,
+            duplicates=0.2,
+        )
+
+    stats = stopped.value.stats
+    assert stats.duplicates > 0 and stats.late_files > 0
+    assert stats.messages + stats.failure_events + stats.duplicates == 900
+    files = read_files(store)
+    assert stats.files == len(files)
+    assert Counter(r.message_id for records in files.values() for r in records) == Counter(
+        r.message_id for r in sent
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"engines_per_device": 0}, "engines_per_device"),
+        ({"duplicates": 1.0}, "duplicates"),
+        ({"duplicates": -0.1}, "duplicates"),
+        ({"duplicates": float("nan")}, "duplicates"),
+    ],
+)
+def test_replay_refuses_bad_delivery_arguments(
+    arguments: dict[str, float], message: str, train: pd.DataFrame, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path)
+    with pytest.raises(ValueError, match=message), CaptureWriter(store) as writer:
+        replay(train, writer, units=[1], **arguments)  # type: ignore[arg-type]
+    assert list(store.list_names()) == []
+
+
+@pytest.mark.parametrize("late", [1.0, -0.5, float("nan")])
+def test_capture_writer_refuses_a_late_fraction_outside_0_1(late: float, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="late"):
+        CaptureWriter(LocalStore(tmp_path), late=late)
+
+
+def test_simulate_with_engine_changes_duplicates_and_late_files(
+    cmapss_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    writers: list[tuple[CaptureWriter, dict[str, object]]] = []
+
+    class KeptWriter(CaptureWriter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            writers.append((self, kwargs))
+
+    monkeypatch.setattr(simulate, "CaptureWriter", KeptWriter)
+    train = cmapss_dir / "train_FD001.txt"
+    landing = LocalStore(tmp_path / "landing")
+    argv = ["simulate", "--file", str(train), "--units", "1-4", "--landing-dir", landing.location]
+    delivery = ["--engines-per-device", "2", "--duplicates", "0.05", "--late", "0.5", "--seed", "7"]
+    assert main([*argv, *delivery]) == 0
+
+    out, err = capsys.readouterr()
+    assert err.startswith("replaying 2 devices (4 engines), ")
+    summary = {key: value.strip() for key, value in (line.split(":", 1) for line in out.splitlines())}
+    sent = int(summary["messages"]) + int(summary["failure events"])
+    assert (summary["devices"], sent) == ("2", int((read_cmapss(train)[UNIT] <= 4).sum()) + 4)
+    assert int(summary["duplicates"]) == round(0.05 * sent) > 0
+    [(writer, arguments)] = writers
+    assert (arguments["late"], arguments["seed"]) == (0.5, 7)
+    assert int(summary["late files"]) == writer.late_files
+    assert int(summary["files"]) == writer.files == len(list(landing.list_names()))
+
+    records = [r for records in read_files(landing).values() for r in records]
+    assert len(records) == sent + int(summary["duplicates"])
+    with CaptureWriter(LocalStore(tmp_path / "direct")) as direct:
+        replay(read_cmapss(train), direct, units=range(1, 5), engines_per_device=2, duplicates=0.05, seed=7)
+    expected = [r for records in read_files(direct.store).values() for r in records]
+    assert Counter((r.device_id, r.message_id) for r in records) == Counter(
+        (r.device_id, r.message_id) for r in expected
+    ), "the flags reach replay: the same devices, messages and copies as a direct call with seed 7"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--engines-per-device", "0"], "'0' is not a whole number of at least 1"),
+        (["--engines-per-device", "1.5"], "'1.5' is not a whole number of at least 1"),
+        (["--duplicates", "1"], "'1' is not a fraction in [0, 1)"),
+        (["--duplicates", "nan"], "'nan' is not a fraction in [0, 1)"),
+        (["--late", "-0.1"], "'-0.1' is not a fraction in [0, 1)"),
+        (["--late", "x"], "'x' is not a fraction in [0, 1)"),
+        (["--seed", "x"], "invalid int value: 'x'"),
+    ],
+)
+def test_simulate_refuses_bad_delivery_flags_in_one_line(
+    argv: list[str], message: str, cmapss_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["simulate", "--file", str(cmapss_dir / "train_FD001.txt"), "--landing-dir", str(tmp_path), *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert list(LocalStore(tmp_path).list_names()) == []
 
 
 @pytest.mark.azurite

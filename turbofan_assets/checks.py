@@ -1,10 +1,10 @@
-"""Asset checks: the data-quality promises the warehouse keeps, evaluated in SQL."""
-
+"""Asset checks: the data-quality promises the warehouse keeps, evaluated in SQL on its read snapshot."""
 
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
-from dagster_duckdb import DuckDBResource
 
+from turbofan_assets.resources import Warehouse
 from turbofan_core.telemetry import PHYSICAL_RANGES
+from turbofan_warehouse.schema import QUARANTINED, UNREADABLE
 
 QUARANTINE_RATE_LIMIT = 0.01
 SAMPLE = 10
@@ -30,8 +30,8 @@ def _result(conn, offenders_sql: str, columns: list[str], **kwargs) -> AssetChec
 
 
 @asset_check(asset="raw_telemetry", description="One row per (device, lifetime, cycle).")
-def no_duplicate_cycles(warehouse: DuckDBResource) -> AssetCheckResult:
-    with warehouse.get_connection() as conn:
+def no_duplicate_cycles(warehouse: Warehouse) -> AssetCheckResult:
+    with warehouse.read() as conn:
         return _result(
             conn,
             "SELECT device_id, lifetime, CycleTime, count(*) AS copies FROM telemetry "
@@ -44,8 +44,8 @@ def no_duplicate_cycles(warehouse: DuckDBResource) -> AssetCheckResult:
     asset="raw_telemetry",
     description="Each trajectory starts at cycle 1 and has no gaps (a gap means lost messages).",
 )
-def cycles_contiguous(warehouse: DuckDBResource) -> AssetCheckResult:
-    with warehouse.get_connection() as conn:
+def cycles_contiguous(warehouse: Warehouse) -> AssetCheckResult:
+    with warehouse.read() as conn:
         return _result(
             conn,
             "SELECT device_id, lifetime, min(CycleTime) AS first, max(CycleTime) AS last, "
@@ -59,9 +59,9 @@ def cycles_contiguous(warehouse: DuckDBResource) -> AssetCheckResult:
     asset="raw_telemetry",
     description="Settings and sensors inside physically possible ranges.",
 )
-def sensor_values_in_physical_range(warehouse: DuckDBResource) -> AssetCheckResult:
+def sensor_values_in_physical_range(warehouse: Warehouse) -> AssetCheckResult:
     outside = " OR ".join(f"{name} NOT BETWEEN {lo} AND {hi}" for name, (lo, hi) in PHYSICAL_RANGES.items())
-    with warehouse.get_connection() as conn:
+    with warehouse.read() as conn:
         return _result(
             conn,
             f"SELECT device_id, lifetime, CycleTime, source_file FROM telemetry WHERE {outside} ORDER BY ALL",
@@ -72,12 +72,14 @@ def sensor_values_in_physical_range(warehouse: DuckDBResource) -> AssetCheckResu
 
 @asset_check(
     asset="telemetry_quarantine",
-    description=f"Under {QUARANTINE_RATE_LIMIT:.0%} of all received records quarantined.",
+    description=f"Under {QUARANTINE_RATE_LIMIT:.0%} of the records of the latest ingestion run's files "
+    "quarantined: a feed that breaks now fails, however clean its history.",
 )
-def quarantine_rate_below_threshold(warehouse: DuckDBResource) -> AssetCheckResult:
-    with warehouse.get_connection() as conn:
+def quarantine_rate_below_threshold(warehouse: Warehouse) -> AssetCheckResult:
+    with warehouse.read() as conn:
         quarantined, received = conn.execute(
-            "SELECT coalesce(sum(quarantined), 0), coalesce(sum(records), 0) FROM ingested_files"
+            "SELECT coalesce(sum(quarantined), 0), coalesce(sum(records), 0) FROM landing_files WHERE "
+            f"run_id = (SELECT arg_max(run_id, read_at) FROM landing_files WHERE status <> '{UNREADABLE}')"
         ).fetchone()
         reasons = conn.execute(
             "SELECT reason, count(*) FROM telemetry_quarantine GROUP BY reason ORDER BY 2 DESC LIMIT ?",
@@ -95,9 +97,26 @@ def quarantine_rate_below_threshold(warehouse: DuckDBResource) -> AssetCheckResu
     )
 
 
+@asset_check(
+    asset="telemetry_quarantine",
+    description="Every landing-zone file could be read. Fails while a file is unreadable (retried each run) "
+    "or quarantined whole (given up after the configured attempts): replace the file to have it read again.",
+)
+def landing_files_readable(warehouse: Warehouse) -> AssetCheckResult:
+    with warehouse.read() as conn:
+        return _result(
+            conn,
+            "SELECT name, status, attempts, reason FROM landing_files "
+            f"WHERE status IN ('{UNREADABLE}', '{QUARANTINED}') ORDER BY ALL",
+            ["name", "status", "attempts", "reason"],
+            severity=AssetCheckSeverity.ERROR,
+        )
+
+
 CHECKS = [
     no_duplicate_cycles,
     cycles_contiguous,
     sensor_values_in_physical_range,
     quarantine_rate_below_threshold,
+    landing_files_readable,
 ]

@@ -19,11 +19,10 @@ from dagster import (
     load_assets_from_modules,
 )
 from dagster_azure.blob import AzureBlobStorageKeyCredential, AzureBlobStorageResource
-from dagster_duckdb import DuckDBResource
 
 from turbofan_assets.assets import evaluation, ingestion, preparation, training
 from turbofan_assets.checks import CHECKS
-from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder
+from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder, Warehouse
 from turbofan_core.home import Home
 
 PIPELINE_JOB = "turbofan_pipeline"
@@ -51,7 +50,7 @@ def build_definitions(home: Home) -> Definitions:
         resources={
             "landing_zone": file_store("TURBOFAN_LANDING_CONTAINER", home.landing),
             "model_store": file_store("TURBOFAN_MODEL_CONTAINER", home.models),
-            "warehouse": DuckDBResource(database=str(home.warehouse)),
+            "warehouse": Warehouse(database=str(home.warehouse)),
             "cmapss": CmapssFiles(directory=str(home.cmapss_dir())),
         },
         # One process: the multiprocess executor costs seconds a step on 2 cores, and

@@ -5,17 +5,39 @@ on the embedded default, an Azure Blob container in a real deployment (through
 dagster-azure's AzureBlobStorageResource, which also works against Azurite).
 """
 
-
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 from dagster import ConfigurableResource
 from dagster_azure.blob import AzureBlobStorageResource
+from dagster_duckdb import DuckDBResource
 
 from turbofan_core import cmapss
 from turbofan_core.storage import BlobStore, LocalStore, ObjectStore
+from turbofan_warehouse.snapshot import publish, read_snapshot
+
+# Every asset that writes the warehouse holds this Dagster pool; dagster.yaml limits each pool
+# to one holder, so writers run one after another however runs are started.
+WAREHOUSE_POOL = "warehouse"
+
+
+class Warehouse(DuckDBResource):
+    """The DuckDB warehouse: `get_connection()` for writers (inside the WAREHOUSE_POOL), which
+    publishes a read-only snapshot when it closes; `read()` for everything else (checks)."""
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with super().get_connection() as conn:
+            yield conn
+            publish(conn, Path(self.database))
+
+    @contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with read_snapshot(Path(self.database)) as conn:
+            yield conn
 
 
 class FileStore(ConfigurableResource):

@@ -1,21 +1,25 @@
 """The Dagster instance of the embedded default: `$TURBOFAN_HOME/dagster`, with its dagster.yaml.
 
 Without a DAGSTER_HOME holding a dagster.yaml, `dagster dev` keeps its state in a temporary
-folder deleted on exit; runs are queued one at a time because DuckDB has one writer.
+folder deleted on exit (and reads the repository's `dagster.yaml`, a copy of DAGSTER_YAML).
+Every asset that writes the warehouse holds the `warehouse` pool, limited here to one holder:
+DuckDB takes one writing process at a time, however many runs are started.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from turbofan_core.home import Home
 
 DAGSTER_YAML = """\
-# Written by `turbofan`; edit freely, it is not overwritten.
+# Written by `turbofan`; edit freely, it is not overwritten. Keep the pool limit: DuckDB takes
+# one writing process at a time, and every asset that writes the warehouse is in a pool.
 concurrency:
-  runs:
-    max_concurrent_runs: 1  # DuckDB takes one writer at a time
+  pools:
+    default_limit: 1
 telemetry:
   enabled: false
 """
@@ -27,5 +31,11 @@ def ensure_dagster_home(home: Home) -> Path:
     config = home.dagster / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
+    elif "default_limit: 1" not in config.read_text():
+        print(
+            f"warning: {config} sets no pool limit of 1; warehouse writers may collide. "
+            "See docs/operations.md.",
+            file=sys.stderr,
+        )
     os.environ["DAGSTER_HOME"] = str(home.dagster)
     return home.dagster

@@ -84,11 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(home: Home) -> None:
-    import duckdb
+    from turbofan_warehouse import registry
+    from turbofan_warehouse.snapshot import read_snapshot
 
-    from turbofan_assets import registry
-
-    with duckdb.connect(str(home.warehouse), read_only=True) as conn:
+    with read_snapshot(home.warehouse) as conn:
 
         def scalar(sql: str) -> int:
             return conn.execute(sql).fetchone()[0]

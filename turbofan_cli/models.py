@@ -1,7 +1,7 @@
 """`turbofan models`: the model registry, read-only. `list` every model; `show VERSION` one in full.
 
-Reads the warehouse of TURBOFAN_HOME through a read-only connection, so it never takes
-the single writer's place; while a pipeline step is writing, DuckDB refuses and we say so.
+Reads the warehouse's read-only snapshot (as of the pipeline's last write), never the
+warehouse file itself, so it answers while a run writes and never blocks one.
 """
 
 from __future__ import annotations
@@ -37,30 +37,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def _registry() -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection to a warehouse that has a model registry, or a CommandError saying why not."""
-    import duckdb
-
-    from turbofan_assets import registry
+    """A read-only connection to a warehouse snapshot that has a model registry, or a CommandError."""
+    from turbofan_warehouse import registry
+    from turbofan_warehouse.snapshot import NoSnapshot, read_snapshot
 
     path = Home.from_env().warehouse
-    if not path.exists():
-        raise CommandError(f"no warehouse at {path}: run `turbofan demo` (or the pipeline) first")
     try:
-        conn = duckdb.connect(str(path), read_only=True)
-    except duckdb.IOException as error:
-        raise CommandError(
-            f"the warehouse {path} is busy (a pipeline step is writing); try again: {error}"
-        ) from None
-    try:
-        if not registry.exists(conn):
-            raise CommandError(f"no model registered yet in {path}: materialise model_candidates first")
-        yield conn
-    finally:
-        conn.close()
+        with read_snapshot(path) as conn:
+            if not registry.exists(conn):
+                raise CommandError(f"no model registered yet in {path}: materialise model_candidates first")
+            yield conn
+    except NoSnapshot as error:
+        raise CommandError(f"{error}: run `turbofan demo` (or the pipeline) first") from None
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from turbofan_assets import registry
+    from turbofan_warehouse import registry
 
     with _registry() as conn:
         models = registry.table(conn)
@@ -81,7 +73,7 @@ def _figure(value: float | None, digits: int = 2) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from turbofan_assets import registry
+    from turbofan_warehouse import registry
 
     with _registry() as conn:
         record = registry.get(conn, args.version)

@@ -50,6 +50,26 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1), like 0.05")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", type=Path, required=True, help="a C-MAPSS file, e.g. train_FD001.txt")
     parser.add_argument("--units", type=parse_units, help="units to replay: 1-20 or 1,5,9-12 (default: all)")
@@ -71,6 +91,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="no failure events (by default each unit of a train_ file ends with one, never a test file's)",
     )
     parser.add_argument("--hub", default="turbofan-hub", help="IoT hub name used in capture file names")
+    parser.add_argument(
+        "--engines-per-device",
+        type=_count,
+        default=1,
+        metavar="K",
+        help="units flown one after another per device, the engine replaced after each failure "
+        "(default 1: unit 7 is Client_007; else devices Client_001... take K units each in order)",
+    )
+    parser.add_argument(
+        "--duplicates",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of the messages delivered twice (same message id, later file), as IoT Hub's "
+        "at-least-once delivery does (default 0)",
+    )
+    parser.add_argument(
+        "--late",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of the capture files published after later ones, under their own name (default 0)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random draws of --duplicates and --late (default 0)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -89,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     except _storage_errors() as error:
         message = _redact(_first_line(error), connection_string)
         raise CommandError(f"cannot write to the landing zone: {message}") from None
-    print(_summary(stats, store.location, interrupted))
+    print(_summary(stats, store.location, interrupted, delivery=bool(args.duplicates or args.late)))
     return 130 if interrupted else 0
 
 
@@ -146,12 +192,15 @@ def _replay_with_progress(
     selected: pd.DataFrame, store: ObjectStore, args: argparse.Namespace, failure_events: bool
 ) -> tuple[ReplayStats, bool]:
     """Replay with a progress bar on stderr; return the stats and whether Ctrl-C stopped it."""
-    devices = selected[UNIT].nunique()
-    total = len(selected) + (devices if failure_events else 0)
-    started = f"replaying {devices} devices, {total} messages, from {args.file} to {store.location}"
+    units = selected[UNIT].nunique()
+    devices = -(-units // args.engines_per_device)
+    total = len(selected) + (units if failure_events else 0)
+    total += round(args.duplicates * total)  # replay resends exactly this many
+    engines = f" ({units} engines)" if args.engines_per_device > 1 else ""
+    started = f"replaying {devices} devices{engines}, {total} messages, from {args.file} to {store.location}"
     print(started, file=sys.stderr)
     with (
-        CaptureWriter(store, hub=args.hub) as writer,
+        CaptureWriter(store, hub=args.hub, late=args.late, seed=args.seed) as writer,
         tqdm(total=total, desc=f"{devices} devices", unit="msg", file=sys.stderr, disable=None) as bar,
     ):
         try:
@@ -161,20 +210,25 @@ def _replay_with_progress(
                 rate=args.rate,
                 failure_events=failure_events,
                 on_message=lambda _r: bar.update(),
+                engines_per_device=args.engines_per_device,
+                duplicates=args.duplicates,
+                seed=args.seed,
             )
         except ReplayInterrupted as stop:
             return stop.stats, True
     return stats, False
 
 
-def _summary(stats: ReplayStats, where: str, interrupted: bool) -> str:
+def _summary(stats: ReplayStats, where: str, interrupted: bool, delivery: bool) -> str:
+    """The counts, one per line; duplicates and late files only when they were asked for."""
     lines = ["interrupted: every message sent until then is written, in whole files"] if interrupted else []
     lines += [
         f"devices:        {stats.devices}",
         f"messages:       {stats.messages}",
         f"failure events: {stats.failure_events}",
         f"files:          {stats.files}",
-        f"where:          {where}",
-        f"seconds:        {stats.seconds:.2f}",
     ]
+    if delivery:
+        lines += [f"duplicates:     {stats.duplicates}", f"late files:     {stats.late_files}"]
+    lines += [f"where:          {where}", f"seconds:        {stats.seconds:.2f}"]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,23 @@ if TYPE_CHECKING:
     from azure.storage.blob import ContainerClient
 
 TMP_DIR = ".incoming"
+# What writers that publish by rename (azcopy, hdfs, rsync, our LocalStore) call a file being
+# written; such names are never listed, so a reader only sees files once they are whole.
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", "._COPYING_")
+
+
+def is_temporary(name: str) -> bool:
+    """A name under which a file is still being written: hidden (`.x`) or with a temporary suffix."""
+    return any(part.startswith(".") for part in name.split("/")) or name.endswith(TEMPORARY_SUFFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A listed file; `version` changes whenever its content may have (an etag, or size and mtime)."""
+
+    name: str
+    size: int
+    version: str
 
 
 class NameTaken(FileExistsError):
@@ -29,7 +47,11 @@ class ObjectStore(Protocol):
     location: str
 
     def list_names(self, prefix: str = "") -> Iterator[str]:
-        """Every file name under `prefix`, in lexicographic order."""
+        """Every whole file's name under `prefix`, in lexicographic order."""
+        ...
+
+    def list_files(self, prefix: str = "") -> Iterator[StoredFile]:
+        """Every whole file under `prefix` with its size and version, in name order."""
         ...
 
     def read(self, name: str) -> bytes: ...
@@ -62,19 +84,24 @@ class LocalStore:
         self.location = str(self.root)
 
     def list_names(self, prefix: str = "") -> Iterator[str]:
+        return (file.name for file in self.list_files(prefix))
+
+    def list_files(self, prefix: str = "") -> Iterator[StoredFile]:
         if not self.root.exists():
             return iter(())
-        names = []
+        found = []
         for directory, subdirs, files in os.walk(self.root):
             subdirs[:] = [d for d in subdirs if not d.startswith(".")]
             rel = Path(directory).relative_to(self.root).as_posix()
             for file in files:
-                if file.startswith("."):
-                    continue
                 name = file if rel == "." else f"{rel}/{file}"
-                if name.startswith(prefix):
-                    names.append(name)
-        return iter(sorted(names))
+                if name.startswith(prefix) and not is_temporary(name):
+                    try:
+                        stat = os.stat(Path(directory) / file)
+                    except FileNotFoundError:  # removed while listing
+                        continue
+                    found.append(StoredFile(name, stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"))
+        return iter(sorted(found, key=lambda file: file.name))
 
     def read(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
@@ -108,7 +135,14 @@ class BlobStore:
 
     def list_names(self, prefix: str = "") -> Iterator[str]:
         cut = len(self.prefix)
-        return (n[cut:] for n in self.container.list_blob_names(name_starts_with=self.prefix + prefix))
+        names = self.container.list_blob_names(name_starts_with=self.prefix + prefix)
+        return (name[cut:] for name in names if not is_temporary(name[cut:]))
+
+    def list_files(self, prefix: str = "") -> Iterator[StoredFile]:
+        cut = len(self.prefix)
+        for blob in self.container.list_blobs(name_starts_with=self.prefix + prefix):
+            if not is_temporary(blob.name[cut:]):
+                yield StoredFile(blob.name[cut:], blob.size, blob.etag)
 
     @classmethod
     def created_if_missing(cls, container: ContainerClient, prefix: str = "") -> BlobStore:

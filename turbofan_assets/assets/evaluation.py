@@ -1,4 +1,4 @@
-"""Evaluation: the newest model on NASA's FD001 test fleet, the benchmark published results use.
+"""Evaluation: the model training just registered, on NASA's FD001 test fleet (the published benchmark).
 
 The published FD001 figures score the last cycle of each of the 100 test engines against
 the true RUL capped like the training labels (piecewise-linear RUL); both the capped
@@ -13,13 +13,12 @@ import io
 import numpy as np
 import pandas as pd
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
-from dagster_duckdb import DuckDBResource
 
-from turbofan_assets import registry
-from turbofan_assets.resources import FileStore
+from turbofan_assets.resources import WAREHOUSE_POOL, FileStore, Warehouse
 from turbofan_core import metrics, training
 from turbofan_core.bundle import PREDICTION, ModelBundle, quantile_column, read_bundle
 from turbofan_core.features import CYCLE
+from turbofan_warehouse import registry
 
 GROUP = "training"
 KEYS = list(training.KEYS)
@@ -112,9 +111,11 @@ def plot(errors: pd.DataFrame, summary: dict[str, float], title: str) -> bytes:
     return buffer.getvalue()
 
 
-@asset(group_name=GROUP, deps=["model_candidates", "reference_test_fleet"])
-def model_evaluation(context: AssetExecutionContext, warehouse: DuckDBResource, model_store: FileStore):
-    """The newest registered model on the FD001 test fleet: RMSE, MAE, PHM08 and interval coverage.
+@asset(group_name=GROUP, deps=["reference_test_fleet"], pool=WAREHOUSE_POOL)
+def model_evaluation(
+    context: AssetExecutionContext, model_candidates: int, warehouse: Warehouse, model_store: FileStore
+):
+    """The model `model_candidates` registered, on the FD001 test fleet: RMSE, MAE, PHM08, interval coverage.
 
     Reported, never used to choose: the figures go to `model_evaluations`,
     `evaluation_errors` (one row per engine) and the registry, and show here as
@@ -122,9 +123,9 @@ def model_evaluation(context: AssetExecutionContext, warehouse: DuckDBResource, 
     """
     with warehouse.get_connection() as conn:
         registry.ensure_registry(conn)
-        record = registry.latest(conn)
+        record = registry.get(conn, model_candidates)
         if record is None:
-            raise Failure("no model registered yet: materialise model_candidates first")
+            raise Failure(f"model version {model_candidates} is not in the registry of this warehouse")
         fleet = conn.execute("SELECT * FROM reference_test_fleet").df()
     with model_store.open() as store:
         bundle = read_bundle(store, record.bundle_sha256)

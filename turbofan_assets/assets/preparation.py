@@ -1,14 +1,12 @@
 """Preparation group: labelled trajectories and the NASA reference test fleet."""
 
-
 import numpy as np
 from dagster import AssetExecutionContext, Config, MaterializeResult, asset
-from dagster_duckdb import DuckDBResource
 
-from turbofan_assets.resources import CmapssFiles
-from turbofan_assets.warehouse import ensure_schema
+from turbofan_assets.resources import WAREHOUSE_POOL, CmapssFiles, Warehouse
 from turbofan_core.labels import DEFAULT_RUL_CAP, label_rul
 from turbofan_core.telemetry import MEASUREMENTS
+from turbofan_warehouse.schema import ensure_schema
 
 GROUP = "preparation"
 TEST_FILE = "test_FD001.txt"
@@ -20,8 +18,8 @@ class LabelConfig(Config):
     """Cycles: earlier in life the RUL target is held at the cap (piecewise-linear RUL)."""
 
 
-@asset(group_name=GROUP, deps=["raw_telemetry", "failure_events"])
-def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: DuckDBResource):
+@asset(group_name=GROUP, deps=["raw_telemetry", "failure_events"], pool=WAREHOUSE_POOL)
+def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: Warehouse):
     """RUL for every cycle of every engine lifetime that ended in a failure event.
 
     Lifetimes with no failure event yet are censored: counted here, never labelled.
@@ -46,8 +44,8 @@ def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: D
     )
 
 
-@asset(group_name=GROUP)
-def reference_test_fleet(cmapss: CmapssFiles, warehouse: DuckDBResource):
+@asset(group_name=GROUP, pool=WAREHOUSE_POOL)
+def reference_test_fleet(cmapss: CmapssFiles, warehouse: Warehouse):
     """NASA's FD001 test engines with their true RUL at every cycle: the benchmark, never training data.
 
     Engines are keyed like devices (`Test_001`, lifetime 1) so the same feature code applies.

@@ -9,15 +9,14 @@ from dataclasses import dataclass
 
 import duckdb
 import pandas as pd
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
-from dagster_duckdb import DuckDBResource
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, Output, asset
 
-from turbofan_assets import registry
-from turbofan_assets.resources import FileStore
+from turbofan_assets.resources import WAREHOUSE_POOL, FileStore, Warehouse
 from turbofan_core import training
 from turbofan_core.bundle import BundleError, ModelBundle, quantile_column, read_bundle, write_bundle
 from turbofan_core.features import CYCLE, DEFAULT_SPEC, FeatureSpec, compute_features
 from turbofan_core.storage import ObjectStore
+from turbofan_warehouse import registry
 
 FEATURES_GROUP = "preparation"
 GROUP = "training"
@@ -56,8 +55,8 @@ def _markdown(frame: pd.DataFrame) -> MetadataValue:
     return MetadataValue.md(frame.to_markdown(index=False, floatfmt=".2f"))
 
 
-@asset(group_name=FEATURES_GROUP, deps=["rul_labels"])
-def training_features(warehouse: DuckDBResource):
+@asset(group_name=FEATURES_GROUP, deps=["rul_labels"], pool=WAREHOUSE_POOL)
+def training_features(warehouse: Warehouse):
     """The feature matrix models train on: the shared feature spec over every labelled cycle.
 
     Computed by the same batch engine, from the same spec, that the bundle carries to
@@ -87,26 +86,45 @@ def _load_training_set(conn: duckdb.DuckDBPyConnection, spec: FeatureSpec) -> pd
 
 
 def _watermark(conn: duckdb.DuckDBPyConnection, frame: pd.DataFrame, fingerprint: str) -> dict:
-    """What identifies the data a model saw: its size, the newest landed file and a hash of the data."""
-    last_file = conn.execute("SELECT max(name) FROM ingested_files").fetchone()[0]
+    """What identifies the data a model saw: the exact trajectories, its newest message and a hash.
+
+    The newest message is by enqueued time (device order), not by file name or arrival, so a
+    late file that fills an old trajectory does not move it.
+    """
+    trajectories = frame[KEYS].drop_duplicates().sort_values(KEYS)
+    conn.register("used_trajectories", trajectories)
+    newest = conn.execute(
+        "SELECT device_id, lifetime, CycleTime, message_id, enqueued_time_utc::VARCHAR FROM telemetry "
+        "JOIN used_trajectories USING (device_id, lifetime) "
+        "ORDER BY enqueued_time_utc DESC, device_id LIMIT 1"
+    ).fetchone()
+    conn.unregister("used_trajectories")
     return {
-        "trajectories": int(frame[KEYS].drop_duplicates().shape[0]),
+        "trajectories": len(trajectories),
+        "trajectory_keys": [
+            f"{device}/{lifetime}" for device, lifetime in trajectories.itertuples(index=False)
+        ],
         "rows": len(frame),
-        "last_ingested_file": last_file,
+        "newest_message": dict(
+            zip(
+                ["device_id", "lifetime", "CycleTime", "message_id", "enqueued_time_utc"], newest, strict=True
+            )
+        ),
         "data_sha256": fingerprint,
     }
 
 
-@asset(group_name=GROUP, deps=["training_features"])
+@asset(group_name=GROUP, deps=["training_features"], pool=WAREHOUSE_POOL)
 def model_candidates(
-    context: AssetExecutionContext, config: TrainingConfig, warehouse: DuckDBResource, model_store: FileStore
-):
+    context: AssetExecutionContext, config: TrainingConfig, warehouse: Warehouse, model_store: FileStore
+) -> Output[int]:
     """The best XGBoost configuration by trajectory-grouped cross-validation, refit on all training data.
 
     A ridge-regression baseline is scored on the same folds, so the comparison means
     something. The chosen configuration is refit on every labelled trajectory together
     with a p10/p90 quantile model, written as a content-addressed bundle to the model
-    store and registered as a candidate. The test fleet plays no part.
+    store and registered as a candidate. The test fleet plays no part. Its value is the
+    registered version, which the gate and the evaluation take as their input.
     """
     spec = DEFAULT_SPEC
     with warehouse.get_connection() as conn:
@@ -169,7 +187,8 @@ def model_candidates(
     context.log.info(
         f"version {version}: {chosen.name}, CV RMSE {chosen.rmse:.2f}, ridge {baseline.rmse:.2f}"
     )
-    return MaterializeResult(
+    return Output(
+        version,
         metadata={
             "version": version,
             "selected": chosen.name,
@@ -188,7 +207,7 @@ def model_candidates(
             "bundle_sha256": bundle.sha256,
             "bundle": MetadataValue.path(location),
             "data_watermark": MetadataValue.json(watermark),
-        }
+        },
     )
 
 
@@ -266,9 +285,11 @@ def judge(
     return Verdict(False, f"{ours} is not below {versus}", score)
 
 
-@asset(group_name=GROUP, deps=["model_candidates"])
-def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, model_store: FileStore):
-    """The promotion gate: the newest candidate replaces the champion only if it is better.
+@asset(group_name=GROUP, pool=WAREHOUSE_POOL)
+def champion_model(
+    context: AssetExecutionContext, model_candidates: int, warehouse: Warehouse, model_store: FileStore
+):
+    """The promotion gate: the candidate `model_candidates` registered replaces the champion only if better.
 
     Rule (see `judge`): strictly lower CV RMSE than the ridge baseline and than the
     champion, on the candidate's folds. A refused candidate stays registered with the
@@ -276,9 +297,11 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, mo
     """
     with warehouse.get_connection() as conn, model_store.open() as store:
         registry.ensure_registry(conn)
-        candidate = registry.latest_ungated(conn)
+        candidate = registry.get(conn, model_candidates)
         if candidate is None:
-            verdict = None
+            raise Failure(f"model version {model_candidates} is not in the registry of this warehouse")
+        if candidate.gate is not None:
+            verdict = Verdict(candidate.gate == registry.PROMOTED, f"already judged: {candidate.reason}")
         else:
             verdict = judge(conn, store, candidate, registry.champion(conn))
             if verdict.promote:
@@ -296,8 +319,6 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, mo
             "champion_cv_rmse": champion.cv_rmse,
             "champion_bundle_sha256": champion.bundle_sha256,
         }
-    if candidate is None:
-        return MaterializeResult(metadata={"decision": "no new candidate", **metadata})
     metadata |= {
         "decision": "promoted" if verdict.promote else "refused",
         "reason": verdict.reason,

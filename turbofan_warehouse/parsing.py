@@ -6,12 +6,13 @@ runs in worker processes.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from turbofan_core.capture import CorruptCaptureFile, read_columns
+from turbofan_core.capture import CaptureColumns, CorruptCaptureFile, read_columns
 from turbofan_core.telemetry import check_messages
 
 
@@ -24,8 +25,10 @@ class ParsedFile:
     """
 
     name: str
+    sha256: str  # of the whole file, so a file copied again unchanged is recognised
     records: int
     devices: list[str]
+    message_ids: list[str | None]
     failure: np.ndarray  # bool, one per valid message
     cycles: np.ndarray  # int64
     measurements: np.ndarray  # float64, (messages, len(MEASUREMENTS)); NaN for failure events
@@ -41,16 +44,13 @@ class ParsedFile:
     def telemetry(self) -> int:
         return len(self.devices) - self.failure_events
 
-    def ledger_row(self) -> tuple[str, int, int, int, int]:
-        return (self.name, self.records, self.telemetry, self.failure_events, len(self.quarantine))
-
 
 def parse_file(name: str, data: bytes) -> ParsedFile | CorruptCaptureFile:
     """Validate every record of a whole file; an unreadable file comes back as its error."""
     try:
         columns = read_columns(data)
     except CorruptCaptureFile as error:
-        return error  # nothing of the file is kept: it is retried whole on the next run
+        return error  # nothing of the file is kept: it is retried whole, or quarantined whole
     checked = check_messages(
         columns.bodies,
         columns.device_ids,
@@ -62,23 +62,31 @@ def parse_file(name: str, data: bytes) -> ParsedFile | CorruptCaptureFile:
     kept = positions.tolist()
     return ParsedFile(
         name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
         records=len(columns),
         devices=[columns.device_ids[i] for i in kept],
+        message_ids=[columns.message_ids[i] for i in kept],
         failure=checked.failure[positions],
         cycles=checked.cycles[positions],
         measurements=checked.measurements[positions],
         times=[columns.enqueued_time_utc[i] for i in kept],
         positions=positions,
-        quarantine=[
-            (
-                name,
-                position,
-                columns.device_ids[position],
-                columns.enqueued_time_utc[position],
-                orjson.dumps(columns.properties[position] or {}).decode(),
-                columns.bodies[position],
-                reason,
-            )
-            for position, reason in checked.reasons.items()
-        ],
+        quarantine=quarantine_rows(name, columns, checked.reasons),
     )
+
+
+def quarantine_rows(name: str, columns: CaptureColumns, reasons: dict[int, str]) -> list[tuple]:
+    """`telemetry_quarantine` rows (but the time) for the records at `reasons`' positions: raw, with why."""
+    return [
+        (
+            name,
+            position,
+            columns.device_ids[position],
+            columns.message_ids[position],
+            columns.enqueued_time_utc[position],
+            orjson.dumps(columns.properties[position] or {}).decode(),
+            columns.bodies[position],
+            reason,
+        )
+        for position, reason in reasons.items()
+    ]

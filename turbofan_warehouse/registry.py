@@ -201,11 +201,6 @@ def latest(conn: duckdb.DuckDBPyConnection) -> ModelRecord | None:
     return _one(conn, "ORDER BY version DESC LIMIT 1", [])
 
 
-def latest_ungated(conn: duckdb.DuckDBPyConnection) -> ModelRecord | None:
-    """The newest candidate the promotion gate has not judged yet."""
-    return _one(conn, "WHERE gate IS NULL ORDER BY version DESC LIMIT 1", [])
-
-
 def champion(conn: duckdb.DuckDBPyConnection) -> ModelRecord | None:
     return _one(conn, "WHERE stage = ?", [CHAMPION])
 
