@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
@@ -21,6 +22,9 @@ def test_demo_replays_materialises_and_summarises(
     assert f"imported C-MAPSS FD001 from {cmapss_dir}" in out
     assert "5 devices sent" in out
     assert "labelled trajectories:  5 of 5" in out
+    # The demo delivers a few messages twice, and the warehouse drops exactly those.
+    sent_twice = int(re.search(r"\((\d+) delivered twice", out)[1])
+    assert sent_twice > 0 and f"duplicates dropped:     {sent_twice}" in out
     assert "latest model:           v1, champion" in out
     assert "champion on FD001 test: v1, RMSE" in out
     # The state folder is self-contained: data, landing zone, warehouse and Dagster instance.

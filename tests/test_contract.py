@@ -57,35 +57,36 @@ def test_integral_float_cycle_and_unknown_fields_are_accepted() -> None:
     assert message.cycle == 17
 
 
-@pytest.mark.parametrize(
-    ("raw", "device", "properties", "content_type", "encoding", "reason"),
-    [
-        (body(), None, {}, "application/json", "utf-8", "no device id (connectionDeviceId is missing)"),
-        (body(), "", {}, "application/json", "utf-8", "no device id (connectionDeviceId is missing)"),
-        (body(), "C1", {}, "text/plain", "utf-8", "content type 'text/plain' is not 'application/json'"),
-        (body(), "C1", {}, "application/json", "utf-16", "content encoding 'utf-16' is not 'utf-8'"),
-        (body(), "C1", {"type": "reboot"}, None, None, "unknown message type 'reboot'"),
-        (None, "C1", {}, None, None, "empty body"),
-        (b"", "C1", {}, None, None, "empty body"),
-        (b"\xff\xfe{}", "C1", {}, None, None, "body is not valid UTF-8"),
-        (b'{"CycleTime": 1,', "C1", {}, None, None, "body is not JSON"),
-        (b"[1, 2]", "C1", {}, None, None, "body is not a JSON object but a JSON list"),
-        (body(CycleTime=...), "C1", {}, None, None, "missing field CycleTime"),
-        (body(Sensor7=...), "C1", {}, None, None, "missing field Sensor7"),
-        (body(Sensor7="553.2"), "C1", {}, None, None, "Sensor7 must be a number, got str '553.2'"),
-        (body(Sensor7=None), "C1", {}, None, None, "Sensor7 must be a number, got NoneType None"),
-        (body(Sensor7=True), "C1", {}, None, None, "Sensor7 must be a number, got bool True"),
-        (body(Sensor7=float("nan")), "C1", {}, None, None, "Sensor7 is NaN"),
-        (body(Sensor7=float("inf")), "C1", {}, None, None, "Sensor7 is infinite"),
-        (body(OperationalSetting2=float("-inf")), "C1", {}, None, None, "OperationalSetting2 is infinite"),
-        (body(CycleTime=0), "C1", {}, None, None, "CycleTime must be a positive integer, got 0"),
-        (body(CycleTime=-3), "C1", {}, None, None, "CycleTime must be a positive integer, got -3"),
-        (body(CycleTime=2.5), "C1", {}, None, None, "CycleTime must be a positive integer, got 2.5"),
-        (body(CycleTime="7"), "C1", {}, None, None, "CycleTime must be a positive integer, got str '7'"),
-        (body(CycleTime=2**63), "C1", {}, None, None, "CycleTime 9223372036854775808 is too large"),
-        (b'{"Cycle": 3}', "C1", {"type": FAILURE}, None, None, "missing field CycleTime"),
-    ],
-)
+# Every kind of malformed message the contract knows, with the start of its reason.
+MALFORMED = [
+    (body(), None, {}, "application/json", "utf-8", "no device id (connectionDeviceId is missing)"),
+    (body(), "", {}, "application/json", "utf-8", "no device id (connectionDeviceId is missing)"),
+    (body(), "C1", {}, "text/plain", "utf-8", "content type 'text/plain' is not 'application/json'"),
+    (body(), "C1", {}, "application/json", "utf-16", "content encoding 'utf-16' is not 'utf-8'"),
+    (body(), "C1", {"type": "reboot"}, None, None, "unknown message type 'reboot'"),
+    (None, "C1", {}, None, None, "empty body"),
+    (b"", "C1", {}, None, None, "empty body"),
+    (b"\xff\xfe{}", "C1", {}, None, None, "body is not valid UTF-8"),
+    (b'{"CycleTime": 1,', "C1", {}, None, None, "body is not JSON"),
+    (b"[1, 2]", "C1", {}, None, None, "body is not a JSON object but a JSON list"),
+    (body(CycleTime=...), "C1", {}, None, None, "missing field CycleTime"),
+    (body(Sensor7=...), "C1", {}, None, None, "missing field Sensor7"),
+    (body(Sensor7="553.2"), "C1", {}, None, None, "Sensor7 must be a number, got str '553.2'"),
+    (body(Sensor7=None), "C1", {}, None, None, "Sensor7 must be a number, got NoneType None"),
+    (body(Sensor7=True), "C1", {}, None, None, "Sensor7 must be a number, got bool True"),
+    (body(Sensor7=float("nan")), "C1", {}, None, None, "Sensor7 is NaN"),
+    (body(Sensor7=float("inf")), "C1", {}, None, None, "Sensor7 is infinite"),
+    (body(OperationalSetting2=float("-inf")), "C1", {}, None, None, "OperationalSetting2 is infinite"),
+    (body(CycleTime=0), "C1", {}, None, None, "CycleTime must be a positive integer, got 0"),
+    (body(CycleTime=-3), "C1", {}, None, None, "CycleTime must be a positive integer, got -3"),
+    (body(CycleTime=2.5), "C1", {}, None, None, "CycleTime must be a positive integer, got 2.5"),
+    (body(CycleTime="7"), "C1", {}, None, None, "CycleTime must be a positive integer, got str '7'"),
+    (body(CycleTime=2**63), "C1", {}, None, None, "CycleTime 9223372036854775808 is too large"),
+    (b'{"Cycle": 3}', "C1", {"type": FAILURE}, None, None, "missing field CycleTime"),
+]
+
+
+@pytest.mark.parametrize(("raw", "device", "properties", "content_type", "encoding", "reason"), MALFORMED)
 def test_every_rejection_has_a_precise_reason(
     raw: bytes | None,
     device: str | None,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from turbofan_core.labels import DEFAULT_RUL_CAP, assign_lifetimes, label_rul
+from turbofan_core.labels import DEFAULT_RUL_CAP, label_rul
 
 
 def _messages(*runs: tuple[str, int, bool]) -> pd.DataFrame:
@@ -20,10 +20,13 @@ def _messages(*runs: tuple[str, int, bool]) -> pd.DataFrame:
 
 
 def _split(messages: pd.DataFrame, closed: dict[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Telemetry and failure events with lifetimes assigned, as ingestion stores them."""
-    messages = messages.assign(
-        lifetime=assign_lifetimes(messages["device_id"], messages["is_failure"], closed)
-    )
+    """Telemetry and failure events with lifetimes, for in-order messages: 1 + the device's failure
+    events before the message (`closed` of them already recorded). Ingestion's own numbering, by
+    device order whatever the arrival order, is tested in test_delivery."""
+    failures = messages["is_failure"].astype(int)
+    before = failures.groupby(messages["device_id"]).cumsum() - failures
+    lifetime = 1 + before + messages["device_id"].map(closed).fillna(0).astype(int)
+    messages = messages.assign(lifetime=lifetime)
     return messages[~messages["is_failure"]], messages[messages["is_failure"]]
 
 

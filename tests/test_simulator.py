@@ -359,8 +359,10 @@ def test_duplicates_are_resent_in_a_later_file_with_the_same_id_and_body(
 def test_late_files_are_published_after_later_ones_under_their_own_name(
     train: pd.DataFrame, tmp_path: Path
 ) -> None:
+    folders = count()
+
     def publish(late: float, seed: int) -> tuple[RecordingStore, ReplayStats]:
-        store = RecordingStore(tmp_path / f"{late}-{seed}")
+        store = RecordingStore(tmp_path / str(next(folders)))
         # 100 records per file also splits minutes: a late file must keep its name ahead of its -0001.
         with CaptureWriter(store, max_records=100, late=late, seed=seed) as writer:
             stats = replay(train, writer, units=SIX, clock=ticking_clock(timedelta(milliseconds=100)))
@@ -432,11 +434,11 @@ def test_interrupt_publishes_held_files_and_sent_copies(train: pd.DataFrame, tmp
     ],
 )
 def test_replay_refuses_bad_delivery_arguments(
-    arguments: dict[str, float], message: str, train: pd.DataFrame, tmp_path: Path
+    arguments: dict[str, Any], message: str, train: pd.DataFrame, tmp_path: Path
 ) -> None:
     store = LocalStore(tmp_path)
     with pytest.raises(ValueError, match=message), CaptureWriter(store) as writer:
-        replay(train, writer, units=[1], **arguments)  # type: ignore[arg-type]
+        replay(train, writer, units=[1], **arguments)
     assert list(store.list_names()) == []
 
 

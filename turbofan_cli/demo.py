@@ -18,6 +18,8 @@ from turbofan_core import cmapss
 from turbofan_core.home import Home
 
 TRAIN_FILE = "train_FD001.txt"
+DEMO_DUPLICATES = 0.01
+DEMO_LATE = 0.2
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"1/3 replaying {TRAIN_FILE} as devices into {home.landing}", flush=True)
     units = parse_units(args.units) if args.units else None
-    with CaptureWriter(LocalStore(home.landing)) as writer:
-        stats = replay(cmapss.read_cmapss(data / TRAIN_FILE), writer, units=units)
+    # Delivery as a real fleet has it: a few messages twice, a few files late.
+    with CaptureWriter(LocalStore(home.landing), late=DEMO_LATE) as writer:
+        stats = replay(cmapss.read_cmapss(data / TRAIN_FILE), writer, units=units, duplicates=DEMO_DUPLICATES)
     print(
         f"    {stats.devices} devices sent {stats.messages:,} messages and "
-        f"{stats.failure_events} failure events in {stats.files} files"
+        f"{stats.failure_events} failure events in {stats.files} files "
+        f"({stats.duplicates} delivered twice, {stats.late_files} files late)"
     )
 
     print(f"2/3 materialising every asset (job {PIPELINE_JOB}) into {home.warehouse}", flush=True)
@@ -93,12 +97,14 @@ def _summary(home: Home) -> None:
             return conn.execute(sql).fetchone()[0]
 
         ingested = scalar("SELECT count(*) FROM telemetry")
+        duplicates = scalar("SELECT coalesce(sum(duplicates), 0) FROM landing_files")
         quarantined = scalar("SELECT count(*) FROM telemetry_quarantine")
         labelled = scalar("SELECT count(DISTINCT (device_id, lifetime)) FROM rul_labels")
         trajectories = scalar("SELECT count(DISTINCT (device_id, lifetime)) FROM telemetry")
         latest = registry.latest(conn) if registry.exists(conn) else None
         champion = registry.champion(conn) if latest else None
     print(f"    rows ingested:          {ingested:,}")
+    print(f"    duplicates dropped:     {duplicates:,}")
     print(f"    records quarantined:    {quarantined:,}")
     print(f"    labelled trajectories:  {labelled} of {trajectories} (the rest are censored)")
     if latest is not None:

@@ -1,35 +1,19 @@
 """Engine lifetimes and remaining-useful-life labels.
 
 A device's messages belong to its current engine lifetime; a failure event closes it,
-and what the device sends next (CycleTime back at 1) belongs to a new engine. Only a
+and what the device sends next (CycleTime back at 1) belongs to a new engine (the warehouse
+numbers lifetimes in device order: turbofan_warehouse.delivery). Only a
 lifetime closed by a failure event has a known end, so only those get RUL labels;
 the others are censored: scored, never trained on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import pandas as pd
 
 DEFAULT_RUL_CAP = 125
 KEYS = ["device_id", "lifetime"]
-
-
-def assign_lifetimes(
-    device_ids: pd.Series, is_failure: pd.Series, closed_lifetimes: Mapping[str, int]
-) -> np.ndarray:
-    """Lifetime of each message, given in arrival order.
-
-    `closed_lifetimes` counts each device's failure events already recorded, so the
-    numbering carries on across incremental batches. A failure event belongs to the
-    lifetime it closes.
-    """
-    failures = is_failure.astype(np.int64)
-    earlier = failures.groupby(device_ids.values, sort=False).cumsum().to_numpy() - failures.to_numpy()
-    base = device_ids.map(closed_lifetimes).fillna(0).to_numpy(dtype=np.int64)
-    return base + earlier + 1
 
 
 def label_rul(telemetry: pd.DataFrame, failures: pd.DataFrame, cap: int = DEFAULT_RUL_CAP) -> pd.DataFrame:

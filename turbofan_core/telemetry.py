@@ -196,7 +196,10 @@ def check_messages(
     if rows:
         plain = _plain_numbers(rows)
         table = np.zeros((len(rows), len(FIELDS)))
-        table[plain] = rows if plain.all() else [row for row, ok in zip(rows, plain, strict=True) if ok]
+        if plain.all():
+            table[:] = rows
+        elif plain.any():  # an empty selection would not have the table's shape
+            table[plain] = [row for row, ok in zip(rows, plain, strict=True) if ok]
         accept = plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
         usual_at = np.asarray(usual)
         valid[usual_at[accept]] = True

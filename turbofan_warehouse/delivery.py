@@ -1,15 +1,17 @@
 """At-least-once delivery made exact: one copy per message, lifetimes by device order, not arrival.
 
-A batch of valid messages (the table `batch_messages`, registered by the caller inside its
-transaction) is stored in these steps, all in SQL:
+A batch of valid messages (the table `batch_messages`, one row per message with its `idx`,
+registered by the caller inside its transaction) is stored in these steps, all in SQL:
 
 1. identity: a message's key is the md5 of its device and IoT Hub message id; without an id,
    of its content (telemetry: cycle and readings; failure event: cycle and enqueued time,
    since two engines of one device may fail at the same cycle);
 2. verdict: a key already stored, or seen earlier in the batch, is a duplicate when the
-   content is the same and a conflict (quarantined) when it is not; the lookup joins the
-   batch's keys against the stored keys, so it reads one 16-byte column per stored message.
-   Telemetry without an id repeats another only inside one lifetime, so it is judged after 3;
+   content is the same and a conflict (quarantined) when it is not. Of two copies the one
+   enqueued first is kept, whatever order they arrive in. Only keys that repeat are looked
+   at closely; finding them joins the batch's keys against the stored keys, one 16-byte
+   column per stored message. Telemetry without an id repeats another only inside one
+   lifetime, so it is judged after step 3;
 3. lifetimes: in device order (enqueued time, then CycleTime, telemetry before the failure
    event of the same cycle), a failure event closes the lifetime of what precedes it, and
    consecutive failure events (no telemetry between) close the same one, so a redelivered
@@ -24,111 +26,126 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import duckdb
-import pandas as pd
 
 from turbofan_core.telemetry import MEASUREMENTS
 
-NEW, DUPLICATE, CONFLICT = "new", "duplicate", "conflict"
+DUPLICATE, CONFLICT, BAD_TIME = "duplicate", "conflict", "bad_time"
+_NEW, _EARLIER = "new", "earlier"  # an earlier copy replaces the stored one, then is new
 
 _READINGS = ", ".join(MEASUREMENTS)
 _ORDER = "t, CycleTime, is_failure, message_key"  # device order; the key only breaks exact ties
-_ID_LESS_TELEMETRY = "concat_ws(':', CycleTime, " + ", ".join(MEASUREMENTS) + ")"
+_CONTENT = f"if(is_failure, hash(true, CycleTime), hash(false, CycleTime, {_READINGS}))"
+_WITH_KEY = "t IS NOT NULL AND (message_id IS NOT NULL OR is_failure)"  # judged in step 2
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one batch did: counts per file, the records to quarantine, and stored rows renumbered."""
+    """What the batch did: the rows not stored (idx -> DUPLICATE, CONFLICT or BAD_TIME) and how
+    many stored rows changed lifetime."""
 
-    per_file: pd.DataFrame  # source_file, telemetry, failure_events, duplicates
-    quarantine: list[tuple[str, int, str]]  # (source_file, position, reason)
+    rejected: dict[int, str]
     relabelled: int
 
 
 def store_batch(conn: duckdb.DuckDBPyConnection) -> Outcome:
     """Store the new messages of `batch_messages`; the caller owns the transaction."""
-    _identify(conn)
+    conn.execute(
+        "CREATE TEMP TABLE incoming AS SELECT idx, device_id, message_id, is_failure, CycleTime, "
+        "TRY_CAST(enqueued_time_utc AS TIMESTAMP_NS) AS t, md5_number(device_id || chr(0) || CASE "
+        "WHEN message_id IS NOT NULL THEN 'id:' || message_id "
+        "WHEN is_failure THEN 'failure:' || CycleTime || ':' || enqueued_time_utc "
+        f"ELSE 'telemetry:' || concat_ws(':', CycleTime, {_READINGS}) END) AS message_key "
+        "FROM batch_messages"
+    )
     _judge(conn)
     relabelled = _number_lifetimes(conn)
-    _drop_repeats_without_id(conn)
-    numbered = "accepted JOIN numbered n ON n.source = 'new' AND n.idx = accepted.idx"
-    conn.execute(
-        f"INSERT INTO telemetry SELECT device_id, n.lifetime, CycleTime, {_READINGS}, t, message_id, "
-        f"message_key, source_file, position FROM {numbered} WHERE NOT is_failure"
+    _judge_repeats_without_id(conn)
+    for table, columns in (
+        ("telemetry", f"b.device_id, n.lifetime, b.CycleTime, {_READINGS}, n.t, b.message_id, n.message_key"),
+        ("failure_events", "b.device_id, n.lifetime, b.CycleTime, n.t, b.message_id, n.message_key"),
+    ):
+        kind = "n.is_failure" if table == "failure_events" else "NOT n.is_failure"
+        conn.execute(
+            f"INSERT INTO {table} SELECT {columns}, b.source_file, b.position FROM numbered n "
+            f"JOIN batch_messages b USING (idx) WHERE n.source = 'new' AND {kind} "
+            "AND idx NOT IN (SELECT idx FROM verdicts)"
+        )
+    rejected = dict(
+        conn.execute(
+            f"SELECT idx, '{BAD_TIME}' FROM incoming WHERE t IS NULL "
+            "UNION ALL SELECT idx, verdict FROM verdicts"
+        ).fetchall()
     )
-    conn.execute(
-        "INSERT INTO failure_events SELECT device_id, n.lifetime, CycleTime, t, message_id, message_key, "
-        f"source_file, position FROM {numbered} WHERE is_failure"
-    )
-    per_file = conn.execute(
-        f"SELECT source_file, count(*) FILTER (verdict = '{NEW}' AND NOT is_failure) AS telemetry, "
-        f"count(*) FILTER (verdict = '{NEW}' AND is_failure) AS failure_events, "
-        f"count(*) FILTER (verdict = '{DUPLICATE}') AS duplicates FROM verdicts GROUP BY source_file"
-    ).df()
-    quarantine = conn.execute(
-        "SELECT source_file, position, 'EnqueuedTimeUtc ' || coalesce('''' || enqueued_time_utc || '''', "
-        "'(none)') || ' is not an ISO 8601 UTC time' FROM incoming WHERE t IS NULL "
-        "UNION ALL SELECT source_file, position, 'message id ' || coalesce('''' || message_id || '''', "
-        "'(none)') || ' was already received from ' || device_id || ' with a different body' "
-        f"FROM verdicts WHERE verdict = '{CONFLICT}' ORDER BY ALL"
-    ).fetchall()
-    conn.execute("DROP VIEW accepted")
     for table in ("incoming", "verdicts", "numbered"):
         conn.execute(f"DROP TABLE {table}")
-    return Outcome(per_file, quarantine, relabelled)
-
-
-def _identify(conn: duckdb.DuckDBPyConnection) -> None:
-    conn.execute(
-        "CREATE TEMP TABLE incoming AS SELECT *, TRY_CAST(enqueued_time_utc AS TIMESTAMP_NS) AS t, "
-        "md5_number(device_id || chr(0) || CASE WHEN message_id IS NOT NULL THEN 'id:' || message_id "
-        "WHEN is_failure THEN 'failure:' || CycleTime || ':' || enqueued_time_utc "
-        f"ELSE 'telemetry:' || {_ID_LESS_TELEMETRY} END) AS message_key, "
-        # Compared within this transaction only, never stored: hash() may change across DuckDB versions.
-        f"CASE WHEN is_failure THEN hash(true, CycleTime) ELSE hash(false, CycleTime, {_READINGS}) END "
-        "AS content FROM batch_messages"
-    )
+    return Outcome(rejected, relabelled)
 
 
 def _judge(conn: duckdb.DuckDBPyConnection) -> None:
-    first = f"OVER (PARTITION BY message_key ORDER BY {_ORDER}, source_file, position)"
+    """`verdicts`: the rows of the batch that are not stored, with why; earlier copies replace stored ones."""
     conn.execute(
-        "CREATE TEMP TABLE verdicts AS WITH ranked AS ("
-        f"  SELECT *, row_number() {first} AS copy, first_value(content) {first} AS first_content"
-        "   FROM incoming WHERE t IS NOT NULL"
-        "), stored AS ("
-        f"  SELECT message_key, hash(false, CycleTime, {_READINGS}) AS stored_content FROM telemetry"
-        "   WHERE message_key IN (SELECT message_key FROM ranked WHERE message_id IS NOT NULL OR is_failure)"
-        "  UNION ALL SELECT message_key, hash(true, CycleTime) FROM failure_events"
-        "   WHERE message_key IN (SELECT message_key FROM ranked WHERE message_id IS NOT NULL OR is_failure)"
-        ") SELECT ranked.*, CASE"
-        f"  WHEN stored_content IS NOT NULL THEN if(stored_content = content, '{DUPLICATE}', '{CONFLICT}')"
-        f"  WHEN copy > 1 AND (message_id IS NOT NULL OR is_failure)"
-        f"   THEN if(first_content = content, '{DUPLICATE}', '{CONFLICT}')"
-        f"  ELSE '{NEW}' END AS verdict FROM ranked LEFT JOIN stored USING (message_key)"
+        "CREATE TEMP TABLE keyed AS SELECT idx, message_key, t, CycleTime, is_failure FROM incoming "
+        f"WHERE {_WITH_KEY}"
     )
+    stored = (
+        "SELECT message_key, {content} AS stored_content, (enqueued_time_utc, CycleTime) AS stored_at "
+        "FROM {table} WHERE message_key IN (SELECT message_key FROM keyed)"
+    )
+    conn.execute(
+        "CREATE TEMP TABLE stored AS "
+        + stored.format(table="telemetry", content=f"hash(false, CycleTime, {_READINGS})")
+        + " UNION ALL "
+        + stored.format(table="failure_events", content="hash(true, CycleTime)")
+    )
+    copies = f"OVER (PARTITION BY message_key ORDER BY {_ORDER}, idx)"
+    conn.execute(
+        "CREATE TEMP TABLE verdicts AS WITH looked_at AS ("
+        f"  SELECT k.*, c.content FROM keyed k JOIN (SELECT idx, {_CONTENT} AS content FROM batch_messages) c"
+        "   USING (idx) WHERE message_key IN (SELECT message_key FROM stored) OR message_key IN ("
+        "   SELECT message_key FROM keyed GROUP BY message_key HAVING count(*) > 1)"
+        "), ranked AS ("
+        f"  SELECT *, row_number() {copies} AS copy, first_value(content) {copies} AS first_content"
+        "  FROM looked_at"
+        ") SELECT idx, CASE"
+        f"  WHEN stored_content <> content THEN '{CONFLICT}'"
+        f"  WHEN stored_content IS NOT NULL THEN if((t, CycleTime) < stored_at, '{_EARLIER}', '{DUPLICATE}')"
+        f"  WHEN copy > 1 THEN if(first_content = content, '{DUPLICATE}', '{CONFLICT}')"
+        f"  ELSE '{_NEW}' END AS verdict, message_key FROM ranked LEFT JOIN stored USING (message_key)"
+    )
+    # Keep the earliest copy whatever the arrival order: the stored later copy makes way.
+    for table in ("telemetry", "failure_events"):
+        conn.execute(
+            f"DELETE FROM {table} WHERE message_key IN "
+            f"(SELECT message_key FROM verdicts WHERE verdict = '{_EARLIER}')"
+        )
+    conn.execute(f"DELETE FROM verdicts WHERE verdict IN ('{_NEW}', '{_EARLIER}')")
+    conn.execute("ALTER TABLE verdicts DROP COLUMN message_key")
+    for table in ("keyed", "stored"):
+        conn.execute(f"DROP TABLE {table}")
 
 
-def _drop_repeats_without_id(conn: duckdb.DuckDBPyConnection) -> None:
+def _judge_repeats_without_id(conn: duckdb.DuckDBPyConnection) -> None:
     """Telemetry without a message id repeats another only inside one lifetime (a new engine may well
     report the same cycle and readings), so it is judged once lifetimes are numbered."""
     conn.execute(
-        "CREATE TEMP TABLE repeats AS SELECT idx FROM ("
-        "  SELECT accepted.idx, accepted.message_key, n.lifetime, row_number() OVER ("
-        f"   PARTITION BY accepted.message_key, n.lifetime ORDER BY {_ORDER}, source_file, position) AS copy"
-        "  FROM accepted JOIN numbered n ON n.source = 'new' AND n.idx = accepted.idx"
-        "  WHERE message_id IS NULL AND NOT is_failure"
+        f"INSERT INTO verdicts SELECT idx, '{DUPLICATE}' FROM ("
+        "  SELECT n.idx, n.message_key, n.lifetime, row_number() OVER ("
+        "   PARTITION BY n.message_key, n.lifetime ORDER BY n.t, n.CycleTime, n.message_key, n.idx) AS copy"
+        "  FROM numbered n JOIN incoming i USING (idx)"
+        "  WHERE n.source = 'new' AND i.message_id IS NULL AND NOT n.is_failure"
         ") r WHERE copy > 1 OR EXISTS ("
-        "  SELECT 1 FROM telemetry t WHERE t.message_key = r.message_key AND t.lifetime = r.lifetime)"
+        "  SELECT 1 FROM telemetry s WHERE s.message_key = r.message_key AND s.lifetime = r.lifetime)"
     )
-    conn.execute(f"UPDATE verdicts SET verdict = '{DUPLICATE}' WHERE idx IN (SELECT idx FROM repeats)")
-    conn.execute("DROP TABLE repeats")
 
 
 def _number_lifetimes(conn: duckdb.DuckDBPyConnection) -> int:
     """Number the accepted rows' lifetimes (table `numbered`) and renumber the stored rows after each
     device's first new one. Returns how many stored rows changed lifetime.
     """
-    conn.execute(f"CREATE TEMP VIEW accepted AS SELECT * FROM verdicts WHERE verdict = '{NEW}'")
+    conn.execute(
+        "CREATE TEMP TABLE accepted AS SELECT * FROM incoming WHERE t IS NOT NULL "
+        "AND idx NOT IN (SELECT idx FROM verdicts)"
+    )
     conn.execute(
         "CREATE TEMP TABLE change_points AS "
         f"SELECT device_id, min(({_ORDER})) AS first_new FROM accepted GROUP BY device_id"
@@ -160,7 +177,7 @@ def _number_lifetimes(conn: duckdb.DuckDBPyConnection) -> int:
         "  SELECT s.*, coalesce(a.base, 1) AS base, is_failure AND NOT coalesce("
         f"   lag(is_failure) OVER (PARTITION BY s.device_id ORDER BY {_ORDER}), a.after_failure, false)"
         "   AS opens_run FROM sequence s LEFT JOIN anchors a USING (device_id)"
-        ") SELECT source, rid, idx, base + sum(opens_run::INTEGER) OVER ("
+        f") SELECT source, rid, idx, {_ORDER}, base + sum(opens_run::INTEGER) OVER ("
         f"  PARTITION BY device_id ORDER BY {_ORDER} ROWS UNBOUNDED PRECEDING) - is_failure::INTEGER"
         "  AS lifetime FROM marked"
     )
@@ -170,6 +187,6 @@ def _number_lifetimes(conn: duckdb.DuckDBPyConnection) -> int:
             f"UPDATE {table} SET lifetime = n.lifetime FROM numbered n "
             f"WHERE n.source = '{table}' AND {table}.rowid = n.rid AND {table}.lifetime <> n.lifetime"
         ).fetchone()[0]
-    for table in ("change_points", "device_events", "anchors"):
+    for table in ("accepted", "change_points", "device_events", "anchors"):
         conn.execute(f"DROP TABLE {table}")
     return relabelled

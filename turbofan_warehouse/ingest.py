@@ -138,32 +138,30 @@ def _write(
 ) -> None:
     """Store a batch of whole files and their ledger rows in one transaction."""
     now = _now()
+    frame = _messages_frame([read.parsed for read in reads])
     conn.execute("BEGIN TRANSACTION")
     try:
-        conn.register("batch_messages", _messages_frame([read.parsed for read in reads]))
+        conn.register("batch_messages", frame)
         outcome = delivery.store_batch(conn)
         conn.unregister("batch_messages")
-        quarantine = [row for read in reads for row in read.parsed.quarantine]
-        late_reasons: dict[str, dict[int, str]] = {}
-        for name, position, reason in outcome.quarantine:
-            late_reasons.setdefault(name, {})[position] = reason
-        for read in reads:
-            if read.parsed.name in late_reasons:  # rare: decode the raw records again to keep them whole
-                quarantine += quarantine_rows(
-                    read.parsed.name, read_columns(read.data), late_reasons[read.parsed.name]
-                )
+        quarantine = [row for read in reads for row in read.parsed.quarantine] + _rejected_records(
+            reads, frame, outcome.rejected
+        )
         quarantined = _quarantine(conn, quarantine, now)
-        counts = outcome.per_file.set_index("source_file")
-        ledger = []
+        refused = np.zeros(len(frame), dtype=bool)
+        refused[list(outcome.rejected)] = True
+        ledger, start = [], 0
         for read in reads:
-            name, file = read.parsed.name, read.pending.file
-            stored = counts.loc[name] if name in counts.index else None
-            telemetry, failures, duplicates = (0, 0, 0) if stored is None else map(int, stored)
-            held = quarantined.get(name, 0)
-            duplicates = read.parsed.records - telemetry - failures - held
+            parsed, file = read.parsed, read.pending.file
+            stored = ~refused[start : start + len(parsed.devices)]
+            start += len(parsed.devices)
+            failures = int((stored & parsed.failure).sum())
+            telemetry = int(stored.sum()) - failures
+            held = quarantined.get(parsed.name, 0)
+            duplicates = parsed.records - telemetry - failures - held
             ledger.append(
-                (name, file.version, file.size, read.parsed.sha256, INGESTED, 0, None, run_id, now,
-                 read.parsed.records, telemetry, failures, held, duplicates)
+                (parsed.name, file.version, file.size, parsed.sha256, INGESTED, 0, None, run_id, now,
+                 parsed.records, telemetry, failures, held, duplicates)
             )  # fmt: skip
             report.files += 1
             report.telemetry += telemetry
@@ -176,6 +174,32 @@ def _write(
         conn.execute("ROLLBACK")
         raise
     report.relabelled += outcome.relabelled
+
+
+def _rejected_records(reads: list[_Read], frame: pd.DataFrame, rejected: dict[int, str]) -> list[tuple]:
+    """Quarantine rows for the valid messages the warehouse refused (a bad enqueued time, a message id
+    reused for another body), their raw records decoded again from the file (rare)."""
+    reasons: dict[str, dict[int, str]] = {}
+    for idx, verdict in rejected.items():
+        if verdict == delivery.DUPLICATE:
+            continue
+        row = frame.iloc[idx]
+        if verdict == delivery.BAD_TIME:
+            reason = f"EnqueuedTimeUtc {row['enqueued_time_utc']!r} is not an ISO 8601 UTC time"
+        else:
+            reason = (
+                f"message id {row['message_id']!r} was already received from {row['device_id']} "
+                "with a different body"
+            )
+        reasons.setdefault(row["source_file"], {})[int(row["position"])] = reason
+    return [
+        quarantined
+        for read in reads
+        if read.parsed.name in reasons
+        for quarantined in quarantine_rows(
+            read.parsed.name, read_columns(read.data), reasons[read.parsed.name]
+        )
+    ]
 
 
 def _quarantine(conn: duckdb.DuckDBPyConnection, rows: list[tuple], now: datetime) -> dict[str, int]:
