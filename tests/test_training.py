@@ -26,6 +26,7 @@ from turbofan_core.cmapss import read_cmapss
 from turbofan_core.home import Home
 from turbofan_core.labels import DEFAULT_RUL_CAP
 from turbofan_core.storage import LocalStore
+from turbofan_warehouse.snapshot import publish
 
 PREPARATION = [
     "raw_telemetry",
@@ -315,7 +316,8 @@ def test_models_command_before_any_training_says_what_to_do(
     turbofan_home: Path, capsys: pytest.CaptureFixture
 ) -> None:
     assert main(["models", "list"]) == 2
-    assert "no warehouse" in capsys.readouterr().err
-    duckdb.connect(str(turbofan_home / "warehouse.duckdb")).close()
+    assert "no warehouse snapshot" in capsys.readouterr().err
+    with duckdb.connect(str(turbofan_home / "warehouse.duckdb")) as conn:  # ingested, nothing trained
+        publish(conn, turbofan_home / "warehouse.duckdb")
     assert main(["models", "show", "1"]) == 2
     assert "no model registered yet" in capsys.readouterr().err

@@ -97,7 +97,7 @@ def _watermark(conn: duckdb.DuckDBPyConnection, frame: pd.DataFrame, fingerprint
         "SELECT device_id, lifetime, CycleTime, message_id, enqueued_time_utc::VARCHAR FROM telemetry "
         "JOIN used_trajectories USING (device_id, lifetime) "
         "ORDER BY enqueued_time_utc DESC, device_id LIMIT 1"
-    ).fetchone()
+    ).fetchall()[0]
     conn.unregister("used_trajectories")
     return {
         "trajectories": len(trajectories),
@@ -132,7 +132,7 @@ def model_candidates(
         trajectories = frame[KEYS].drop_duplicates().shape[0]
         if trajectories < 2:
             raise Failure(f"{trajectories} labelled trajectories: at least 2 are needed to cross-validate")
-        rul_cap = conn.execute("SELECT max(rul_cap) FROM rul_labels").fetchone()[0]
+        [(rul_cap,)] = conn.execute("SELECT max(rul_cap) FROM rul_labels").fetchall()
         names = list(spec.feature_names)
         fingerprint = training.data_fingerprint(frame, [*KEYS, CYCLE, training.TARGET, *names])
         watermark = _watermark(conn, frame, fingerprint)
