@@ -120,6 +120,14 @@ def test_every_cycle_the_contract_accepts_is_stored_exactly(warehouse: Warehouse
     ]
 
 
+def test_an_integral_float_cycle_alone_in_its_file_is_stored(warehouse: Warehouse) -> None:
+    """It used to crash the batch checks when no other message of the file was usual."""
+    body = encode_body({"CycleTime": 1, **READINGS}).replace(b'"CycleTime":1', b'"CycleTime":17.0')
+    warehouse.land("hub/00/x", [device_message("Client_001", body, T0, {})])
+    assert warehouse.ingest().telemetry == 1
+    assert warehouse.rows("SELECT CycleTime FROM telemetry") == [(17,)]
+
+
 def test_a_bad_enqueued_time_is_quarantined_not_a_blocked_batch(warehouse: Warehouse) -> None:
     good = telemetry("Client_001", 1)
     bad = CaptureRecord("yesterday", good.body, {}, good.system_properties)
@@ -179,8 +187,26 @@ def test_the_same_id_with_another_body_is_quarantined_with_its_reason(warehouse:
     report = warehouse.ingest()
     assert (report.telemetry, report.quarantined, report.duplicates) == (1, 1, 0)
     assert warehouse.rows("SELECT source_file, reason FROM telemetry_quarantine") == [
-        ("hub/00/2", "message id 'm1' was already received from Client_001 with a different body")
+        ("hub/00/2", "message id 'm1' from Client_001 has another body enqueued earlier")
     ]
+
+
+def test_of_two_bodies_under_one_id_the_earlier_is_kept_whatever_arrives_first(tmp_path: Path) -> None:
+    early, late = telemetry("Client_001", 1, 0, "m1"), telemetry("Client_001", 1, 5, "m1", Sensor2=600.0)
+    results = []
+    for order in ([("a", early), ("b", late)], [("a", late), ("b", early)]):
+        warehouse = Warehouse(tmp_path / order[0][0] / str(len(results)))
+        for name, record in order:
+            warehouse.land(f"hub/00/{name}", [record])
+            warehouse.ingest()
+        results.append(
+            (
+                warehouse.rows("SELECT Sensor2, message_id FROM telemetry"),
+                warehouse.rows("SELECT body, reason FROM telemetry_quarantine"),
+            )
+        )
+    assert results[0] == results[1]
+    assert results[0][1] == [(late.body, "message id 'm1' from Client_001 has another body enqueued earlier")]
 
 
 def test_telemetry_without_id_repeats_only_inside_one_lifetime(warehouse: Warehouse) -> None:

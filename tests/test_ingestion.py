@@ -280,3 +280,85 @@ def test_definitions_load_the_way_dagster_dev_loads_them(turbofan_home: Path) ->
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "turbofan_assets.definitions" in done.stdout + done.stderr
+
+
+def test_the_quarantine_rate_judges_the_latest_run_not_all_history(turbofan_home: Path) -> None:
+    """A feed that breaks now fails the check, however clean its history."""
+    home = Home.from_env()
+    store = LocalStore(home.landing)
+    history = [message(f"Client_{d:03d}", c) for d in range(300) for c in range(1, 101)]
+    oops = CaptureRecord(history[0].enqueued_time_utc, b"{oops", {}, history[0].system_properties)
+    store.create("hub/00/1", encode_avro([*history, oops]))  # 1 bad record in 30,001
+    assert checks(run(home, batch=[ingest_landing_zone, *CHECKS]))["quarantine_rate_below_threshold"]
+    broken = [CaptureRecord(message("Client_900", 1).enqueued_time_utc, b"{oops", {}, {}) for _ in range(199)]
+    store.create("hub/00/2", encode_avro([*broken, message("Client_900", 1)]))
+    result = run(home, batch=[ingest_landing_zone, *CHECKS])
+    assert metadata(result, "telemetry_quarantine")["quarantine_rate_of_new_records"] == 199 / 200
+    # Over all history 200 of 30,201 records (0.66 %) would pass; the latest run's 99.5 % does not.
+    assert checks(result)["quarantine_rate_below_threshold"] is False
+
+
+def test_a_landing_zone_of_unreadable_files_fails_loudly_then_gives_up(turbofan_home: Path) -> None:
+    home = Home.from_env()
+    for name in ("hub/00/a", "hub/01/b"):
+        path = home.landing / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a capture file")
+    config = {"ops": {"ingest_landing_zone": {"config": {"max_attempts": 2}}}}
+    resources = dict(build_definitions(home).resources)
+    with DagsterInstance.ephemeral() as instance:
+        first, second, third = (
+            materialize(
+                [ingest_landing_zone, *CHECKS], resources=resources, instance=instance, run_config=config
+            )
+            for _ in range(3)
+        )
+        assert first.success and checks(first)["landing_files_readable"] is False
+        assert "hub/00/a" in metadata(first, "telemetry_quarantine")["unreadable_files_retried_next_run"]
+        assert "hub/01/b" in metadata(second, "telemetry_quarantine")["files_quarantined_whole"]
+        assert checks(second)["landing_files_readable"] is False
+        assert materialized(third) == set()  # given up: not read again, nothing to report anew
+    assert query(home, "SELECT name, status, attempts FROM landing_files ORDER BY 1") == [
+        ("hub/00/a", "quarantined", 2),
+        ("hub/01/b", "quarantined", 2),
+    ]
+
+
+def test_a_file_delivered_twice_leaves_training_features_working(
+    turbofan_home: Path, cmapss_dir: Path
+) -> None:
+    from turbofan_assets.assets.training import training_features
+
+    home = Home.from_env()
+    store = LocalStore(home.landing)
+    replay_train(store, cmapss_dir, units=[1, 2])
+    for name in list(store.list_names()):  # IoT Hub routes the same messages again, in new files
+        store.create(f"{name}-redelivered", store.read(name))
+    result = run(home, batch=[ingest_landing_zone, rul_labels, training_features, *CHECKS])
+    assert (
+        metadata(result, "raw_telemetry")["duplicates_dropped"]
+        == metadata(result, "raw_telemetry")["dagster/row_count"] + 2
+    )  # every message and both failure events once more
+    assert all(checks(result).values())
+
+
+def test_selecting_one_ingestion_output_explains_in_one_line(turbofan_home: Path) -> None:
+    dagster = Path(sys.executable).parent / "dagster"
+    done = subprocess.run(
+        [
+            str(dagster),
+            "asset",
+            "materialize",
+            "-m",
+            "turbofan_assets.definitions",
+            "--select",
+            "raw_telemetry",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "DagsterInvalidSubsetError" not in output
+    assert "materialise together: select all three, e.g. --select 'group:ingestion'" in output

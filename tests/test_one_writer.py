@@ -91,6 +91,7 @@ def test_a_run_succeeds_while_a_reader_holds_the_snapshot(turbofan_home: Path) -
     finally:
         reader.kill()
         reader.wait()
+        reader.stdout.close()
     with read_snapshot(home.warehouse) as conn:
         assert conn.execute("SELECT count(*) FROM telemetry").fetchone() == (5,)
 

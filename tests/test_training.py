@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from dagster import AssetKey, AssetSelection, ExecuteInProcessResult, FloatMetadataValue
+from dagster import AssetKey, AssetSelection, DagsterInstance, ExecuteInProcessResult, FloatMetadataValue
 
 from simulator.capture_writer import CaptureWriter
 from simulator.replay import replay
@@ -26,6 +27,7 @@ from turbofan_core.cmapss import read_cmapss
 from turbofan_core.home import Home
 from turbofan_core.labels import DEFAULT_RUL_CAP
 from turbofan_core.storage import LocalStore
+from turbofan_warehouse import registry
 from turbofan_warehouse.snapshot import publish
 
 PREPARATION = [
@@ -39,11 +41,18 @@ TRAINING = ["training_features", "model_candidates", "champion_model", "model_ev
 SMALL_GRID = {"max_depth": [2, 3], "learning_rate": [0.1], "n_estimators": [30, 60], "folds": 3}
 
 
-def _run(home: Home, assets: list[str], training_config: dict | None = None) -> ExecuteInProcessResult:
+def _run(
+    home: Home,
+    assets: list[str],
+    training_config: dict | None = None,
+    instance: DagsterInstance | None = None,
+) -> ExecuteInProcessResult:
     """Materialise `assets` of the real code location, as the pipeline job would."""
     run_config = {"ops": {"model_candidates": {"config": training_config}}} if training_config else {}
     job = build_definitions(home).resolve_job_def(PIPELINE_JOB)
-    return job.execute_in_process(asset_selection=[AssetKey(a) for a in assets], run_config=run_config)
+    return job.execute_in_process(
+        asset_selection=[AssetKey(a) for a in assets], run_config=run_config, instance=instance
+    )
 
 
 def _metadata(result: ExecuteInProcessResult, asset: str) -> dict:
@@ -310,6 +319,28 @@ def test_promotion_accepts_a_better_candidate_and_refuses_a_worse_one(home: Home
     assert first_reason.startswith("first champion")  # archiving keeps the reason it was promoted for
     assert [stage for stage, _ in history] == ["candidate", "champion", "archived"]
     assert history[-1][1] == "replaced by version 2"
+
+
+def test_the_gate_and_the_evaluation_take_the_version_their_upstream_run_registered(home: Home) -> None:
+    """Passed by identity, not looked up as the latest: a candidate registered meanwhile by another
+    run is not the one judged and evaluated."""
+    weak = {"max_depth": [2], "learning_rate": [0.1], "n_estimators": [30], "folds": 2}
+    with DagsterInstance.ephemeral() as instance:  # one instance: the second run loads the first's output
+        assert _run(home, ["training_features", "model_candidates"], weak, instance).success
+        with duckdb.connect(str(home.warehouse)) as conn:
+            [first] = registry.table(conn).itertuples()
+            record = registry.get(conn, first.version)
+            registration = {
+                field.name: getattr(record, field.name) for field in fields(registry.Registration)
+            }
+            registry.register_candidate(
+                conn, registry.Registration(**{**registration, "run_id": "another run"})
+            )
+        later = _run(home, ["champion_model", "model_evaluation"], instance=instance)
+    assert _values(later, "champion_model")["candidate_version"] == first.version == 1
+    assert _values(later, "model_evaluation")["version"] == 1
+    with duckdb.connect(str(home.warehouse), read_only=True) as conn:
+        assert registry.get(conn, 2).gate is None  # the other candidate was not judged by this run
 
 
 def test_models_command_before_any_training_says_what_to_do(

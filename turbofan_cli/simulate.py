@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -40,34 +41,24 @@ def parse_units(text: str) -> list[int]:
     return sorted(units)
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
+def _argument(convert: Callable[[str], float], accept: Callable[[float], bool], what: str) -> Callable:
+    """An argparse type: `convert`, then `accept`, or a one-line error saying what was expected."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):  # a comparison with nan is false: refused too
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1), like 0.05")
-    return value
+_positive = _argument(float, lambda value: value > 0, "a positive number")
+_count = _argument(int, lambda value: value >= 1, "a whole number of at least 1")
+_fraction = _argument(float, lambda value: 0 <= value < 1, "a fraction in [0, 1), like 0.05")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

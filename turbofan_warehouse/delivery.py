@@ -30,7 +30,9 @@ import duckdb
 from turbofan_core.telemetry import MEASUREMENTS
 
 DUPLICATE, CONFLICT, BAD_TIME = "duplicate", "conflict", "bad_time"
-_NEW, _EARLIER = "new", "earlier"  # an earlier copy replaces the stored one, then is new
+# An incoming copy enqueued before the stored one replaces it, then is new; a stored copy it
+# displaces with another body goes to the quarantine, as it would have had it arrived second.
+_NEW, _EARLIER, _DISPLACES = "new", "earlier", "displaces"
 
 _READINGS = ", ".join(MEASUREMENTS)
 _ORDER = "t, CycleTime, is_failure, message_key"  # device order; the key only breaks exact ties
@@ -40,10 +42,12 @@ _WITH_KEY = "t IS NOT NULL AND (message_id IS NOT NULL OR is_failure)"  # judged
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the batch did: the rows not stored (idx -> DUPLICATE, CONFLICT or BAD_TIME) and how
-    many stored rows changed lifetime."""
+    """What the batch did: the rows not stored (idx -> DUPLICATE, CONFLICT or BAD_TIME), the stored
+    rows a conflicting copy enqueued earlier displaced (source_file, position, device_id, message_id),
+    and how many stored rows changed lifetime."""
 
     rejected: dict[int, str]
+    displaced: list[tuple[str, int, str, str]]
     relabelled: int
 
 
@@ -57,7 +61,7 @@ def store_batch(conn: duckdb.DuckDBPyConnection) -> Outcome:
         f"ELSE 'telemetry:' || concat_ws(':', CycleTime, {_READINGS}) END) AS message_key "
         "FROM batch_messages"
     )
-    _judge(conn)
+    displaced = _judge(conn)
     relabelled = _number_lifetimes(conn)
     _judge_repeats_without_id(conn)
     for table, columns in (
@@ -78,11 +82,13 @@ def store_batch(conn: duckdb.DuckDBPyConnection) -> Outcome:
     )
     for table in ("incoming", "verdicts", "numbered"):
         conn.execute(f"DROP TABLE {table}")
-    return Outcome(rejected, relabelled)
+    return Outcome(rejected, displaced, relabelled)
 
 
-def _judge(conn: duckdb.DuckDBPyConnection) -> None:
-    """`verdicts`: the rows of the batch that are not stored, with why; earlier copies replace stored ones."""
+def _judge(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, int, str, str]]:
+    """`verdicts`: the rows of the batch that are not stored, with why. Of two copies the one enqueued
+    first is kept: an earlier incoming copy replaces the stored one, which is returned if its body
+    differs (to be quarantined)."""
     conn.execute(
         "CREATE TEMP TABLE keyed AS SELECT idx, message_key, t, CycleTime, is_failure FROM incoming "
         f"WHERE {_WITH_KEY}"
@@ -107,21 +113,27 @@ def _judge(conn: duckdb.DuckDBPyConnection) -> None:
         f"  SELECT *, row_number() {copies} AS copy, first_value(content) {copies} AS first_content"
         "  FROM looked_at"
         ") SELECT idx, CASE"
-        f"  WHEN stored_content <> content THEN '{CONFLICT}'"
+        f"  WHEN stored_content <> content THEN if((t, CycleTime) < stored_at, '{_DISPLACES}', '{CONFLICT}')"
         f"  WHEN stored_content IS NOT NULL THEN if((t, CycleTime) < stored_at, '{_EARLIER}', '{DUPLICATE}')"
         f"  WHEN copy > 1 THEN if(first_content = content, '{DUPLICATE}', '{CONFLICT}')"
         f"  ELSE '{_NEW}' END AS verdict, message_key FROM ranked LEFT JOIN stored USING (message_key)"
     )
     # Keep the earliest copy whatever the arrival order: the stored later copy makes way.
+    replaced = (
+        f"message_key IN (SELECT message_key FROM verdicts WHERE verdict IN ('{_EARLIER}', '{_DISPLACES}'))"
+    )
+    displaced = conn.execute(
+        "SELECT source_file, position, device_id, message_id FROM (SELECT * FROM telemetry WHERE "
+        f"{replaced} UNION ALL BY NAME SELECT * FROM failure_events WHERE {replaced}) WHERE message_key IN "
+        f"(SELECT message_key FROM verdicts WHERE verdict = '{_DISPLACES}') ORDER BY ALL"
+    ).fetchall()
     for table in ("telemetry", "failure_events"):
-        conn.execute(
-            f"DELETE FROM {table} WHERE message_key IN "
-            f"(SELECT message_key FROM verdicts WHERE verdict = '{_EARLIER}')"
-        )
-    conn.execute(f"DELETE FROM verdicts WHERE verdict IN ('{_NEW}', '{_EARLIER}')")
+        conn.execute(f"DELETE FROM {table} WHERE {replaced}")
+    conn.execute(f"DELETE FROM verdicts WHERE verdict IN ('{_NEW}', '{_EARLIER}', '{_DISPLACES}')")
     conn.execute("ALTER TABLE verdicts DROP COLUMN message_key")
     for table in ("keyed", "stored"):
         conn.execute(f"DROP TABLE {table}")
+    return displaced
 
 
 def _judge_repeats_without_id(conn: duckdb.DuckDBPyConnection) -> None:

@@ -134,7 +134,11 @@ class _Read:
 
 
 def _write(
-    conn: duckdb.DuckDBPyConnection, reads: list[_Read], run_id: str | None, report: IngestReport
+    conn: duckdb.DuckDBPyConnection,
+    store: ObjectStore,
+    reads: list[_Read],
+    run_id: str | None,
+    report: IngestReport,
 ) -> None:
     """Store a batch of whole files and their ledger rows in one transaction."""
     now = _now()
@@ -145,7 +149,7 @@ def _write(
         outcome = delivery.store_batch(conn)
         conn.unregister("batch_messages")
         quarantine = [row for read in reads for row in read.parsed.quarantine] + _rejected_records(
-            reads, frame, outcome.rejected
+            store, reads, frame, outcome
         )
         quarantined = _quarantine(conn, quarantine, now)
         refused = np.zeros(len(frame), dtype=bool)
@@ -176,29 +180,33 @@ def _write(
     report.relabelled += outcome.relabelled
 
 
-def _rejected_records(reads: list[_Read], frame: pd.DataFrame, rejected: dict[int, str]) -> list[tuple]:
-    """Quarantine rows for the valid messages the warehouse refused (a bad enqueued time, a message id
-    reused for another body), their raw records decoded again from the file (rare)."""
+def _conflict(message_id: str | None, device_id: str) -> str:
+    return f"message id {message_id!r} from {device_id} has another body enqueued earlier"
+
+
+def _rejected_records(
+    store: ObjectStore, reads: list[_Read], frame: pd.DataFrame, outcome: delivery.Outcome
+) -> list[tuple]:
+    """Quarantine rows, raw records decoded again from their files (rare), for the valid messages the
+    warehouse refused (a bad enqueued time, a message id reused for another body) and for the stored
+    copies that a copy enqueued earlier with another body displaced."""
     reasons: dict[str, dict[int, str]] = {}
-    for idx, verdict in rejected.items():
+    for idx, verdict in outcome.rejected.items():
         if verdict == delivery.DUPLICATE:
             continue
         row = frame.iloc[idx]
         if verdict == delivery.BAD_TIME:
             reason = f"EnqueuedTimeUtc {row['enqueued_time_utc']!r} is not an ISO 8601 UTC time"
         else:
-            reason = (
-                f"message id {row['message_id']!r} was already received from {row['device_id']} "
-                "with a different body"
-            )
+            reason = _conflict(row["message_id"], row["device_id"])
         reasons.setdefault(row["source_file"], {})[int(row["position"])] = reason
+    for name, position, device_id, message_id in outcome.displaced:
+        reasons.setdefault(name, {})[position] = _conflict(message_id, device_id)
+    in_batch = {read.parsed.name: read.data for read in reads}
     return [
-        quarantined
-        for read in reads
-        if read.parsed.name in reasons
-        for quarantined in quarantine_rows(
-            read.parsed.name, read_columns(read.data), reasons[read.parsed.name]
-        )
+        row
+        for name, at in reasons.items()
+        for row in quarantine_rows(name, read_columns(in_batch.get(name) or store.read(name)), at)
     ]
 
 
@@ -306,7 +314,7 @@ def ingest_new_files(
     def flush() -> None:
         nonlocal batch_size
         if batch:
-            _write(conn, batch, run_id, report)
+            _write(conn, store, batch, run_id, report)
         batch.clear()
         batch_size = 0
 
