@@ -1,7 +1,9 @@
 """One installable package set with the `turbofan` console command.
 
-Runtime requirements come from requirements.in (the human-edited list); the exact versions the
-project is tested with are pinned in requirements.lock, which `make install` installs first.
+`pip install .` installs what the edge module needs (requirements-edge.in: no Dagster, DuckDB
+or test tools); `pip install ".[pipeline]"` adds the rest of the platform (requirements.in).
+The exact versions the project is tested with are pinned in requirements.lock, which
+`make install` installs first.
 """
 
 from pathlib import Path
@@ -39,6 +41,7 @@ setup(
     include_package_data=True,
     # The column decoder of IoT Hub capture blocks (see the file's header for why it is C).
     ext_modules=[Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"])],
-    install_requires=read_requirements(HERE / "requirements.in"),
+    install_requires=read_requirements(HERE / "requirements-edge.in"),
+    extras_require={"pipeline": read_requirements(HERE / "requirements.in")},
     entry_points={"console_scripts": ["turbofan=turbofan_cli.main:main"]},
 )

@@ -49,15 +49,16 @@ def fleet(cmapss_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _bundle(fleet: pd.DataFrame, rul_cap: int = CAP) -> ModelBundle:
+def make_bundle(fleet: pd.DataFrame, rul_cap: int = CAP, spec: FeatureSpec = SPEC) -> ModelBundle:
+    """A small real model on `fleet` (FD001 engines as devices), quick to train."""
     failures = fleet.groupby(["device_id", "lifetime"], as_index=False)["CycleTime"].max()
     labels = label_rul(fleet, failures, cap=rul_cap)
-    frame = compute_features(fleet, SPEC).merge(labels[["device_id", "lifetime", "CycleTime", "rul"]])
-    X, y = training.design_matrix(frame, SPEC.feature_names)
+    frame = compute_features(fleet, spec).merge(labels[["device_id", "lifetime", "CycleTime", "rul"]])
+    X, y = training.design_matrix(frame, spec.feature_names)
     folds = training.trajectory_folds(frame, 3, seed=0)
     fitted = training.fit_final(X, y, folds, PARAMS, seed=0, workers=1)
     return ModelBundle(
-        spec=SPEC,
+        spec=spec,
         rul_cap=rul_cap,
         quantiles=training.INTERVAL,
         point=fitted.point,
@@ -71,10 +72,10 @@ def _bundle(fleet: pd.DataFrame, rul_cap: int = CAP) -> ModelBundle:
 
 @pytest.fixture(scope="module")
 def bundle(fleet: pd.DataFrame) -> ModelBundle:
-    return _bundle(fleet)
+    return make_bundle(fleet)
 
 
-def _rezip(data: bytes, change_manifest: dict) -> bytes:
+def rezip(data: bytes, change_manifest: dict) -> bytes:
     """The same archive with manifest fields changed: a well-formed bundle that is not the original."""
     source = zipfile.ZipFile(io.BytesIO(data))
     out = io.BytesIO()
@@ -112,12 +113,12 @@ def test_round_trip_through_a_local_store(bundle: ModelBundle, fleet: pd.DataFra
 def test_equal_content_gives_equal_bytes_and_storing_again_is_a_no_op(
     bundle: ModelBundle, fleet: pd.DataFrame, tmp_path: Path
 ) -> None:
-    again = _bundle(fleet)  # trained again from scratch, same data and seed
+    again = make_bundle(fleet)  # trained again from scratch, same data and seed
     assert again.data == bundle.data and again.sha256 == bundle.sha256
     store = LocalStore(tmp_path)
     assert write_bundle(store, bundle) == write_bundle(store, again)
     assert list(store.list_names()) == [bundle_name(bundle.sha256)]
-    assert _bundle(fleet, rul_cap=100).sha256 != bundle.sha256
+    assert make_bundle(fleet, rul_cap=100).sha256 != bundle.sha256
 
 
 def test_a_tampered_bundle_is_refused(bundle: ModelBundle, tmp_path: Path) -> None:
@@ -131,14 +132,14 @@ def test_a_tampered_bundle_is_refused(bundle: ModelBundle, tmp_path: Path) -> No
 
     # A well-formed archive with one changed field is refused just the same.
     with pytest.raises(BundleError, match="changed or corrupted"):
-        load_bundle(_rezip(bundle.data, {"rul_cap": 500}), bundle.sha256)
+        load_bundle(rezip(bundle.data, {"rul_cap": 500}), bundle.sha256)
     # And once a bundle is stored under a name, different bytes cannot take that name.
     with pytest.raises(BundleError):
         write_bundle(store, bundle)
 
 
 def test_a_bundle_of_another_format_is_refused(bundle: ModelBundle) -> None:
-    newer = _rezip(bundle.data, {"format_version": 99})
+    newer = rezip(bundle.data, {"format_version": 99})
     with pytest.raises(BundleError, match="v99, this code reads turbofan-model-bundle v1"):
         load_bundle(newer, hashlib.sha256(newer).hexdigest())
 
@@ -177,7 +178,7 @@ def test_round_trip_through_a_blob_container(
         name = write_bundle(store, bundle)
         pd.testing.assert_frame_equal(read_bundle(store, bundle.sha256).predict(fleet), bundle.predict(fleet))
 
-        tampered = _rezip(bundle.data, {"rul_cap": 1})
+        tampered = rezip(bundle.data, {"rul_cap": 1})
         container.upload_blob(f"models/{name}", tampered, overwrite=True)
         with pytest.raises(BundleError, match="changed or corrupted"):
             read_bundle(store, bundle.sha256)

@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("turbofan_cli.demo", "replay FD001 and materialise every asset (embedded default)"),
     "ui": Subcommand("turbofan_cli.ui", "open the Dagster UI on the embedded default's instance"),
     "models": Subcommand("turbofan_cli.models", "the model registry: list models, or show one's metrics"),
+    "edge": Subcommand("turbofan_cli.edge", "the IoT Edge module: serve scoring and store-and-forward"),
 }
 
 

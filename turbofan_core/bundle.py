@@ -26,14 +26,16 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import xgboost as xgb
 
 from turbofan_core.features import FeatureSpec, compute_features
 from turbofan_core.storage import NameTaken, ObjectStore
+
+if TYPE_CHECKING:  # only `predict` (batch scoring) takes frames; the edge scores arrays
+    import pandas as pd
 
 FORMAT = "turbofan-model-bundle"
 FORMAT_VERSION = 1

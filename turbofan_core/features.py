@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from turbofan_core.telemetry import MEASUREMENTS
+
+if TYPE_CHECKING:  # pandas is the batch engine's: the edge, which streams, does without it
+    import pandas as pd
 
 CYCLE = "CycleTime"
 STATISTICS: tuple[str, ...] = ("mean", "std", "slope", "min", "max")
@@ -216,6 +218,8 @@ def compute_features(
     Returns the key columns, CycleTime and the features in `spec.feature_names` order
     (CycleTime appears once even when it is a feature), one row per input row.
     """
+    import pandas as pd
+
     keys = list(keys)
     missing = [c for c in (*keys, CYCLE, *spec.sensors) if c not in frame.columns]
     if missing:

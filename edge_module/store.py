@@ -1,0 +1,283 @@
+"""The edge's durable state: the outbox of capture records to forward, and each device's history.
+
+One SQLite file in WAL mode with `synchronous=FULL`: a commit returns only once it is fsync'd, so a
+message acknowledged after `record()` survives SIGKILL and power loss. Callers record small groups,
+so one fsync covers many messages.
+
+Threads share one connection guarded by a lock. SQLite lets one writer in at a time anyway, and
+every call here is short, so per-thread connections would only add SQLITE_BUSY waits between
+threads of one process, and connections nobody can close when their thread ends.
+
+The outbox's sequence numbers are AUTOINCREMENT: they never repeat, even once every row has been
+shipped and deleted, because the forwarder names landing-zone files by them and a reused number
+would make a new file look like one already delivered. A `shipment` row pins the file being sent
+(name and sequence range) before it is sent, so a resend after a crash carries the same records
+under the same name, whatever was recorded since.
+
+History keeps only each device's current lifetime: a failure event closes it and deletes it. The
+`seen` table remembers every recorded (device, message id) for dedupe: those of the current
+lifetime always, older ones for `dedupe_window_seconds`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from turbofan_core.capture import CaptureRecord
+from turbofan_core.telemetry import MEASUREMENTS
+
+DEFAULT_DEDUPE_WINDOW_SECONDS = 7 * 24 * 3600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    enqueued_time_utc TEXT NOT NULL,
+    properties BLOB NOT NULL,         -- JSON object
+    system_properties BLOB NOT NULL,  -- JSON object
+    body BLOB,
+    queued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_queued_at ON outbox (queued_at);
+CREATE TABLE IF NOT EXISTS shipment (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    device_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (device_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at);
+CREATE TABLE IF NOT EXISTS history (
+    device_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    cycle INTEGER NOT NULL,
+    vals BLOB NOT NULL,  -- float64 values in MEASUREMENTS order
+    PRIMARY KEY (device_id, message_id)
+);
+CREATE INDEX IF NOT EXISTS history_order ON history (device_id, cycle);
+"""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One accepted message of a device, as its streaming features need it."""
+
+    device_id: str
+    message_id: str
+    cycle: int
+    values: tuple[float, ...]  # MEASUREMENTS order; empty for a failure event
+    failure: bool
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Its identity for dedupe."""
+        return self.device_id, self.message_id
+
+    def __post_init__(self) -> None:
+        expected = 0 if self.failure else len(MEASUREMENTS)
+        if len(self.values) != expected:
+            raise ValueError(f"a {'failure' if self.failure else 'telemetry'} entry has {expected} values")
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """The landing-zone file being sent: its name and the outbox sequence numbers it holds."""
+
+    name: str
+    first_seq: int
+    last_seq: int
+
+
+class EdgeStore:
+    """The outbox and device histories in the SQLite file `path`; safe to share between threads."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dedupe_window_seconds: float = DEFAULT_DEDUPE_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dedupe_window_seconds = dedupe_window_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        # Autocommit mode: transactions are opened explicitly, so none is left open by accident.
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=10000")  # another process (a CLI) may be reading
+        with self._transaction() as conn:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
+            [(self.store_id,)] = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchall()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the lock; committed (and fsync'd) on success."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, parameters).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> EdgeStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- recording --------------------------------------------------------------------------------
+
+    def record(self, entries: list[tuple[CaptureRecord, HistoryEntry | None]]) -> list[bool]:
+        """Queue each record for forwarding and add its entry to the device history, in one commit.
+
+        An entry whose (device, message id) was already recorded is a duplicate: nothing of it
+        is written and its flag is False. A record without an entry (a malformed message, for
+        the warehouse's quarantine) is always queued.
+        """
+        for record, entry in entries:
+            if entry is not None and (record.device_id, record.message_id) != entry.key:
+                raise ValueError(
+                    f"entry of {'/'.join(entry.key)} given with a record of "
+                    f"{record.device_id}/{record.message_id}"
+                )
+        flags: list[bool] = []
+        with self._transaction() as conn:
+            now = self.clock()
+            for record, entry in entries:
+                if entry is not None:
+                    inserted = conn.execute(
+                        "INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", [*entry.key, now]
+                    ).rowcount
+                    if not inserted:
+                        flags.append(False)
+                        continue
+                    if entry.failure:  # closes the lifetime: only the current one is kept
+                        conn.execute("DELETE FROM history WHERE device_id = ?", [entry.device_id])
+                    else:
+                        conn.execute(
+                            "INSERT INTO history VALUES (?, ?, ?, ?)",
+                            [
+                                entry.device_id,
+                                entry.message_id,
+                                entry.cycle,
+                                array("d", entry.values).tobytes(),
+                            ],
+                        )
+                conn.execute(
+                    "INSERT INTO outbox (enqueued_time_utc, properties, system_properties, body, queued_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [
+                        record.enqueued_time_utc,
+                        orjson.dumps(record.properties),
+                        orjson.dumps(record.system_properties),
+                        record.body,
+                        now,
+                    ],
+                )
+                flags.append(True)
+        return flags
+
+    def seen(self, device_id: str, message_id: str) -> bool:
+        return bool(
+            self._query("SELECT 1 FROM seen WHERE device_id = ? AND message_id = ?", [device_id, message_id])
+        )
+
+    def lifetime_history(self, device_id: str) -> list[HistoryEntry]:
+        """The device's telemetry since its last failure event, by cycle (then arrival)."""
+        rows = self._query(
+            "SELECT message_id, cycle, vals FROM history WHERE device_id = ? ORDER BY cycle, rowid",
+            [device_id],
+        )
+        return [
+            HistoryEntry(device_id, message_id, cycle, tuple(array("d", vals)), False)
+            for message_id, cycle, vals in rows
+        ]
+
+    def devices(self) -> list[str]:
+        """Devices with telemetry in their current lifetime."""
+        return [
+            device for (device,) in self._query("SELECT DISTINCT device_id FROM history ORDER BY device_id")
+        ]
+
+    def purge(self) -> int:
+        """Forget message ids older than the dedupe window, except the current lifetimes'; return how many."""
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM seen WHERE seen_at < ? AND NOT EXISTS (SELECT 1 FROM history h "
+                "WHERE h.device_id = seen.device_id AND h.message_id = seen.message_id)",
+                [self.clock() - self.dedupe_window_seconds],
+            ).rowcount
+
+    # --- outbox -----------------------------------------------------------------------------------
+
+    def take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, CaptureRecord, float]]:
+        """The oldest queued records (at most `limit`, none after `up_to_seq`): seq, record, queued_at."""
+        rows = self._query(
+            "SELECT seq, enqueued_time_utc, properties, system_properties, body, queued_at FROM outbox "
+            "WHERE seq <= ? ORDER BY seq LIMIT ?",
+            [2**63 - 1 if up_to_seq is None else up_to_seq, limit],
+        )
+        return [
+            (seq, CaptureRecord(enqueued, body, orjson.loads(properties), orjson.loads(system)), queued_at)
+            for seq, enqueued, properties, system, body, queued_at in rows
+        ]
+
+    def begin_shipment(self, shipment: Shipment) -> None:
+        """Pin the file about to be sent, so a resend after a crash is the same file."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO shipment VALUES (1, ?, ?, ?)",
+                [shipment.name, shipment.first_seq, shipment.last_seq],
+            )
+
+    def shipment(self) -> Shipment | None:
+        """The pinned file not yet confirmed, if any."""
+        rows = self._query("SELECT name, first_seq, last_seq FROM shipment")
+        return Shipment(*rows[0]) if rows else None
+
+    def mark_shipped(self, up_to_seq: int) -> None:
+        """Delete the records up to `up_to_seq` and the pinned shipment: they are in the landing zone."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM outbox WHERE seq <= ?", [up_to_seq])
+            conn.execute("DELETE FROM shipment")
+
+    def expire(self, older_than: float) -> int:
+        """Drop unshipped records queued before `older_than`; return how many (the TTL drops)."""
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM outbox WHERE queued_at < ?", [older_than]).rowcount
+
+    def backlog(self) -> tuple[int, float | None]:
+        """How many records wait, and when the oldest was queued."""
+        [(count, oldest)] = self._query("SELECT count(*), min(queued_at) FROM outbox")
+        return count, oldest

@@ -1,0 +1,365 @@
+"""The edge module as a real process (`turbofan edge serve`): scoring equal to the batch model,
+device authentication, refusals, model swaps, restarts and SIGKILL with nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from test_bundle import make_bundle, rezip
+from test_contract import MALFORMED
+
+from edge_module.auth import DeviceRegistry, make_sas_token
+from turbofan_core.bundle import ModelBundle, write_bundle
+from turbofan_core.cmapss import read_cmapss
+from turbofan_core.features import FeatureSpec
+from turbofan_core.storage import LocalStore
+from turbofan_core.telemetry import FIELDS
+from turbofan_warehouse.ingest import ingest_new_files
+
+HUB = "turbofan-hub.azure-devices.net"
+ADMIN_KEY = "test-admin-key"
+DEVICES = [f"Test_{unit:03d}" for unit in range(1, 11)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Edge:
+    """A running edge module and what it was started with."""
+
+    url: str
+    state: Path
+    landing: Path
+    process: subprocess.Popen
+    registry: DeviceRegistry
+    log: BinaryIO
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        self.process.send_signal(sig)
+        self.process.wait(timeout=30)
+        self.log.close()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        headers: dict | None = None,
+        raw: bytes | None = None,
+    ):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def token(self, device: str, ttl: int = 3600, key: str | None = None) -> dict:
+        key = key or self.registry.get(device).primary_key
+        return {"Authorization": make_sas_token(HUB, device, key, ttl_seconds=ttl)}
+
+    def send(self, device: str, body: object, **headers: str):
+        return self.call("POST", "/telemetry", body, {**self.token(device), **headers})
+
+    def admin(self, method: str, path: str, body: object = None):
+        return self.call(method, path, body, {"Authorization": f"Bearer {ADMIN_KEY}"})
+
+
+def start_edge(state: Path, landing: Path, model: tuple[str, Path, str] | None = None) -> Edge:
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "turbofan"), "edge", "serve", "--port", str(port),
+               "--state", str(state), "--landing-dir", str(landing)]  # fmt: skip
+    if model is not None:
+        version, path, sha256 = model
+        command += ["--model-uri", str(path), "--model-sha256", sha256, "--model-version", version]
+    log = (state.parent / f"edge-{port}.log").open("wb")
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TURBOFAN_EDGE_ADMIN_KEY": ADMIN_KEY},
+    )
+    edge = Edge(
+        f"http://127.0.0.1:{port}", state, landing, process, DeviceRegistry.load(state / "devices.json"), log
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (state.parent / f"edge-{port}.log").read_text()
+        try:
+            if edge.call("GET", "/healthz")[0] == 200:
+                return edge
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the edge module did not answer /healthz within 60 s")
+
+
+@pytest.fixture(scope="module")
+def fleet(cmapss_dir: Path) -> pd.DataFrame:
+    """Training engines for the bundles; FD001 train units 1-10 as devices."""
+    frame = read_cmapss(cmapss_dir / "train_FD001.txt")
+    frame = frame[frame["unit"] <= 10].copy()
+    frame["device_id"] = frame["unit"].map(lambda unit: f"Client_{unit:03d}")
+    frame["lifetime"] = 1
+    return frame
+
+
+@pytest.fixture(scope="module")
+def test_units(cmapss_dir: Path) -> pd.DataFrame:
+    """FD001 test units 1-10, the devices the edge sees."""
+    frame = read_cmapss(cmapss_dir / "test_FD001.txt")
+    frame = frame[frame["unit"] <= len(DEVICES)].copy()
+    frame["device_id"] = frame["unit"].map(lambda unit: f"Test_{unit:03d}")
+    frame["lifetime"] = 1
+    return frame
+
+
+OTHER_SPEC = FeatureSpec(
+    sensors=("Sensor3", "Sensor7", "Sensor12"), windows=(8,), statistics=("mean",), ewm_alphas=()
+)
+
+
+@pytest.fixture(scope="module")
+def bundles(
+    fleet: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[ModelBundle, Path]]:
+    store = LocalStore(tmp_path_factory.mktemp("models"))
+    made = {"1": make_bundle(fleet), "2": make_bundle(fleet, spec=OTHER_SPEC)}
+    return {version: (bundle, store.root / write_bundle(store, bundle)) for version, bundle in made.items()}
+
+
+@pytest.fixture
+def edge(tmp_path: Path, bundles) -> Iterator[Edge]:
+    state = tmp_path / "state"
+    state.mkdir()
+    registry = DeviceRegistry.load(state / "devices.json")
+    for device in DEVICES:
+        registry.create(device)
+    bundle, path = bundles["1"]
+    running = start_edge(state, tmp_path / "landing", ("1", path, bundle.sha256))
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bodies(frame: pd.DataFrame) -> list[dict]:
+    return [dict(zip(FIELDS, row, strict=True)) for row in frame[list(FIELDS)].itertuples(index=False)]
+
+
+def expected(bundle: ModelBundle, frame: pd.DataFrame) -> pd.DataFrame:
+    return bundle.predict(frame).set_index(["device_id", "CycleTime"])
+
+
+def assert_scored_like(results: list[dict], device: str, want: pd.DataFrame) -> None:
+    for result in results:
+        row = want.loc[(device, result["cycle"])]
+        got = [result["rul"]["p50"], result["rul"]["p10"], result["rul"]["p90"]]
+        np.testing.assert_allclose(
+            got, row[["rul_pred", "rul_p10", "rul_p90"]].to_numpy(), rtol=1e-6, atol=1e-4
+        )
+
+
+def test_streamed_predictions_equal_the_batch_models(edge: Edge, bundles, test_units: pd.DataFrame) -> None:
+    bundle, _ = bundles["1"]
+    want = expected(bundle, test_units)
+    for device, frame in test_units.groupby("device_id"):
+        messages = bodies(frame)
+        head = [
+            edge.send(device, body, **{"iothub-messageid": f"{device}-{body['CycleTime']}"})
+            for body in messages[:5]
+        ]
+        assert all(status == 200 and result["model_version"] == "1" for status, result in head)
+        status, batch = edge.send(
+            device, [{"body": b, "messageId": f"{device}-{b['CycleTime']}"} for b in messages[5:]]
+        )
+        assert status == 200 and {r["status"] for r in batch} == {"scored"}
+        assert_scored_like([result for _, result in head] + batch, device, want)
+    # Redelivered: acknowledged as duplicates, never scored again.
+    first = bodies(test_units[test_units["device_id"] == DEVICES[0]])[0]
+    status, again = edge.send(DEVICES[0], [{"body": first, "messageId": f"{DEVICES[0]}-1"}])
+    assert status == 200 and again[0]["status"] == "duplicate"
+
+
+def test_each_refused_credential(edge: Edge) -> None:
+    body = {"CycleTime": 1, **dict.fromkeys(FIELDS[1:], 1.0)}
+    other_key = edge.registry.get(DEVICES[1]).primary_key
+    for headers, reason in [
+        ({}, None),
+        (edge.token(DEVICES[0], ttl=-10), "expired"),
+        (edge.token(DEVICES[0], key=other_key), None),  # signed with another device's key
+        ({"Authorization": make_sas_token(HUB, "Nobody", other_key)}, None),
+        ({"Authorization": "SharedAccessSignature garbage"}, None),
+    ]:
+        status, answer = edge.call("POST", "/telemetry", body, headers)
+        assert status == 401, (headers, answer)
+        if reason:
+            assert reason in answer["detail"]
+        assert other_key not in json.dumps(answer)
+    log = next(edge.state.parent.glob("edge-*.log")).read_text()
+    assert other_key not in log
+
+
+@pytest.mark.parametrize(("raw", "device", "properties", "content_type", "encoding", "reason"), MALFORMED[2:])
+def test_malformed_input_gets_a_4xx_with_the_contracts_reason(
+    edge: Edge, raw, device, properties, content_type, encoding, reason
+) -> None:
+    headers = {**edge.token(DEVICES[0]), **{f"iothub-app-{k}": v for k, v in properties.items()}}
+    if content_type is not None:
+        headers["Content-Type"] = content_type + (f"; charset={encoding}" if encoding else "")
+    status, answer = edge.call("POST", "/telemetry", headers=headers, raw=raw or b"")
+    assert 400 <= status < 500, answer
+    if raw == b"[1, 2]":  # a JSON list is a batch, and a batch holds objects
+        assert "item 0 is not one" in answer["detail"]
+    elif status == 422:
+        assert answer["detail"].startswith(reason)
+
+
+def test_oversized_and_wrongly_typed_bodies_are_refused(edge: Edge) -> None:
+    status, _ = edge.call(
+        "POST", "/telemetry", headers=edge.token(DEVICES[0]), raw=b"[" + b"1," * 600_000 + b"1]"
+    )
+    assert status == 413
+    headers = {**edge.token(DEVICES[0]), "Content-Type": "text/plain"}
+    assert edge.call("POST", "/telemetry", headers=headers, raw=b"{}")[0] == 415
+
+
+def test_bad_bundles_are_refused_while_the_old_model_serves_then_rollback(
+    edge: Edge, bundles, tmp_path: Path, test_units: pd.DataFrame
+) -> None:
+    first, first_path = bundles["1"]
+    second, second_path = bundles["2"]
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(first_path.read_bytes()[:-100])
+    newer = tmp_path / "newer.zip"
+    newer.write_bytes(rezip(first_path.read_bytes(), {"format_version": 99}))
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"not a zip at all")
+    for reference, reason in [
+        ({"version": "x", "uri": str(corrupt), "sha256": first.sha256}, "changed or corrupted"),
+        (
+            {"version": "x", "uri": str(second_path), "sha256": first.sha256},
+            "changed or corrupted",
+        ),  # tampered
+        ({"version": "x", "uri": str(newer), "sha256": sha256_of(newer)}, "this code reads"),  # incompatible
+        ({"version": "x", "uri": str(garbage), "sha256": sha256_of(garbage)}, "unreadable"),
+        ({"version": "x", "uri": str(tmp_path / "missing.zip"), "sha256": first.sha256}, "cannot fetch"),
+    ]:
+        status, answer = edge.admin("PUT", "/admin/model", reference)
+        assert status == 422 and reason in answer["detail"], answer
+        assert edge.call("GET", "/model")[1]["version"] == "1"
+    assert (
+        edge.call("PUT", "/admin/model", {"version": "2", "uri": str(second_path), "sha256": second.sha256})[
+            0
+        ]
+        == 401
+    )
+
+    status, answer = edge.admin(
+        "PUT", "/admin/model", {"version": "2", "uri": str(second_path), "sha256": second.sha256}
+    )
+    assert status == 200 and edge.call("GET", "/model")[1]["sha256"] == second.sha256
+    device = DEVICES[2]
+    frame = test_units[test_units["device_id"] == device]
+    status, results = edge.send(device, bodies(frame))
+    assert {r["model_version"] for r in results} == {"2"}
+    assert_scored_like(results, device, expected(second, frame))  # the other spec's features
+
+    assert edge.admin("POST", "/admin/model/rollback")[1]["version"] == "1"
+    last = bodies(frame)[-1]
+    status, result = edge.send(device, {**last, "CycleTime": last["CycleTime"] + 1})
+    assert result["model_version"] == "1"
+    longer = pd.concat([frame, frame.tail(1).assign(CycleTime=last["CycleTime"] + 1)])
+    assert_scored_like([result], device, expected(first, longer))  # state rebuilt for the first spec
+
+
+def test_sigkill_mid_stream_loses_nothing_and_restart_scores_as_if_uninterrupted(
+    edge: Edge, bundles, test_units: pd.DataFrame, tmp_path: Path
+) -> None:
+    bundle, path = bundles["1"]
+    want = expected(bundle, test_units)
+    acknowledged: list[str] = []
+    devices = DEVICES[:4]
+    streams = {d: bodies(test_units[test_units["device_id"] == d]) for d in devices}
+    half = {d: len(s) // 2 for d, s in streams.items()}
+    for device in devices:
+        for body in streams[device][: half[device]]:
+            message_id = f"{device}-{body['CycleTime']}"
+            assert edge.send(device, body, **{"iothub-messageid": message_id})[0] == 200
+            acknowledged.append(message_id)
+    edge.stop(signal.SIGKILL)
+
+    restarted = start_edge(edge.state, edge.landing)  # the model comes back from the state folder
+    try:
+        for device in devices:
+            rest = streams[device][half[device] - 1 :]  # the last acknowledged one again, as a resend
+            results = []
+            for body in rest:
+                message_id = f"{device}-{body['CycleTime']}"
+                status, result = restarted.send(device, body, **{"iothub-messageid": message_id})
+                assert status == 200
+                results.append(result)
+                acknowledged.append(message_id)
+            assert results[0]["status"] == "duplicate"
+            assert_scored_like(results[1:], device, want)
+    finally:
+        restarted.stop(signal.SIGTERM)  # stops the forwarder with a last flush
+
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as conn:
+        ingest_new_files(LocalStore(edge.landing), conn)
+        stored = conn.execute("SELECT message_id, count(*) FROM telemetry GROUP BY ALL").fetchall()
+    assert dict(stored) == dict.fromkeys(set(acknowledged), 1)
+
+
+def test_score_is_the_stateless_web_service(edge: Edge, bundles, test_units: pd.DataFrame) -> None:
+    bundle, _ = bundles["1"]
+    frame = test_units[test_units["device_id"] == DEVICES[5]]
+    status, answer = edge.call("POST", "/score", bodies(frame))
+    assert status == 200
+    assert_scored_like([answer], DEVICES[5], expected(bundle, frame))
+    assert edge.call("POST", "/score", [])[0] == 422
+
+
+def test_model_and_metrics_describe_the_service(edge: Edge, bundles) -> None:
+    bundle, path = bundles["1"]
+    status, model = edge.call("GET", "/model")
+    assert (status, model["version"], model["sha256"], model["source"]) == (
+        200,
+        "1",
+        bundle.sha256,
+        str(path),
+    )
+    edge.send(DEVICES[0], {"CycleTime": 0})
+    request = urllib.request.Request(edge.url + "/metrics")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    assert f'edge_model_info{{sha256="{bundle.sha256}",version="1"}} 1.0' in text
+    assert 'edge_messages_total{result="refused"} 1.0' in text
+    assert "edge_forward_backlog" in text and "edge_telemetry_seconds_bucket" in text

@@ -1,0 +1,271 @@
+"""The edge store on a real SQLite file: dedupe, lifetime histories, the outbox, and what a SIGKILL leaves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import REPO_ROOT
+
+from edge_module.forwarder import Forwarder
+from edge_module.store import EdgeStore, HistoryEntry
+from turbofan_core.capture import CaptureRecord, device_message, read_capture
+from turbofan_core.storage import LocalStore, ObjectStore
+from turbofan_core.telemetry import FAILURE, MEASUREMENTS, encode_body
+from turbofan_warehouse.ingest import ingest_new_files
+
+T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
+Entry = tuple[CaptureRecord, HistoryEntry | None]
+
+
+class FakeClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def telemetry(device: str, message_id: str, cycle: int, base: float = 0.0) -> Entry:
+    """A valid telemetry message and its history entry; values chosen to test float round trips."""
+    values = tuple(base + cycle / 3 + k for k in range(len(MEASUREMENTS)))
+    body = encode_body({"CycleTime": cycle, **dict(zip(MEASUREMENTS, values, strict=True))})
+    record = device_message(device, body, T0 + timedelta(seconds=cycle), {}, message_id)
+    return record, HistoryEntry(device, message_id, cycle, values, False)
+
+
+def failure(device: str, message_id: str, cycle: int) -> Entry:
+    body = encode_body({"CycleTime": cycle})
+    record = device_message(device, body, T0 + timedelta(seconds=cycle), {"type": FAILURE}, message_id)
+    return record, HistoryEntry(device, message_id, cycle, (), True)
+
+
+def malformed(device: str, message_id: str) -> Entry:
+    return device_message(device, b"not json", T0, {"why": "test"}, message_id), None
+
+
+def outbox(store: EdgeStore) -> list[CaptureRecord]:
+    return [record for _, record, _ in store.take(1_000_000)]
+
+
+def cycles(store: EdgeStore, device: str) -> list[int]:
+    return [entry.cycle for entry in store.lifetime_history(device)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[EdgeStore]:
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+        yield store
+
+
+def test_record_queues_every_record_and_drops_duplicates(store: EdgeStore) -> None:
+    a1, a2, b1 = telemetry("A", "m1", 1), telemetry("A", "m2", 2), telemetry("B", "m1", 1)
+    bad = malformed("A", "x")
+    assert store.record([a1, a2, bad]) == [True, True, True]
+    # A resend (later or in the same group) is refused; the same id on another device is not.
+    assert store.record([a2, b1, b1, bad]) == [False, True, False, True]
+    assert outbox(store) == [a1[0], a2[0], bad[0], b1[0], bad[0]]
+    assert store.seen("A", "m2") and store.seen("B", "m1") and not store.seen("B", "m2")
+    assert not store.seen("A", "x")  # malformed messages have no identity here
+    assert store.devices() == ["A", "B"]
+    assert store.lifetime_history("A") == [a1[1], a2[1]]
+
+
+def test_a_record_must_match_its_entry(store: EdgeStore) -> None:
+    record, _ = telemetry("A", "m1", 1)
+    _, other = telemetry("A", "m2", 1)
+    with pytest.raises(ValueError, match="A/m2"):
+        store.record([(record, other)])
+    with pytest.raises(ValueError, match="telemetry entry has 24 values"):
+        HistoryEntry("A", "m1", 1, (1.0,), False)
+
+
+def test_a_group_is_recorded_whole_or_not_at_all(store: EdgeStore) -> None:
+    good = telemetry("A", "m1", 1)
+    unserialisable = (CaptureRecord("t", b"{}", {"p": {1, 2}}, {}), None)  # a set is not JSON
+    with pytest.raises(TypeError):
+        store.record([good, unserialisable])
+    assert outbox(store) == [] and store.devices() == [] and not store.seen("A", "m1")
+    assert store.record([good]) == [True]
+
+
+def test_history_comes_back_in_cycle_order_with_exact_values(tmp_path: Path) -> None:
+    entries = [telemetry("A", f"m{cycle}", cycle, base=0.1) for cycle in (3, 1, 4, 2)]
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+        store.record(entries[:2])
+        store.record(entries[2:])
+    with EdgeStore(tmp_path / "edge.sqlite") as reopened:
+        history = reopened.lifetime_history("A")
+    assert [entry.cycle for entry in history] == [1, 2, 3, 4]
+    assert history == sorted((entry for _, entry in entries), key=lambda entry: entry.cycle)
+
+
+def test_a_failure_event_starts_a_new_lifetime(store: EdgeStore) -> None:
+    store.record([telemetry("A", f"m{cycle}", cycle) for cycle in (1, 2, 3)] + [telemetry("B", "b1", 1)])
+    assert store.record([failure("A", "f1", 3), telemetry("A", "n1", 1)]) == [True, True]
+    assert cycles(store, "A") == [1] and cycles(store, "B") == [1]
+    # The closed lifetime's ids and the failure's own id are still duplicates.
+    assert store.record([telemetry("A", "m2", 2), failure("A", "f1", 3)]) == [False, False]
+    assert cycles(store, "A") == [1]
+    store.record([failure("B", "fb", 1)])
+    assert store.devices() == ["A"] and store.lifetime_history("B") == []
+    assert len(outbox(store)) == 7  # every accepted message is forwarded, failure events too
+
+
+def test_purge_forgets_old_lifetimes_ids_after_the_window(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with EdgeStore(tmp_path / "edge.sqlite", dedupe_window_seconds=100.0, clock=clock) as store:
+        store.record([telemetry("A", "old", 1), failure("A", "f", 1), telemetry("A", "current", 1)])
+        clock.now += 50
+        store.record([telemetry("A", "recent", 2)])
+        assert store.purge() == 0
+        clock.now += 60  # "old", "f" and "current" are 110 s old, "recent" 60 s
+        assert store.purge() == 2  # "current" stays: its lifetime is still going on
+        assert not store.seen("A", "old") and not store.seen("A", "f")
+        assert store.seen("A", "current") and store.seen("A", "recent")
+        assert store.record([telemetry("A", "current", 1), telemetry("A", "old", 1)]) == [False, True]
+
+
+def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
+    clock = FakeClock(100.0)
+    with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
+        assert store.backlog() == (0, None)
+        store.record([telemetry("A", "m1", 1), telemetry("A", "m2", 2)])
+        clock.now = 200.0
+        store.record([telemetry("A", "m3", 3), malformed("A", "x")])
+        assert store.backlog() == (4, 100.0)
+        assert [(seq, queued) for seq, _, queued in store.take(3)] == [(1, 100.0), (2, 100.0), (3, 200.0)]
+        assert [seq for seq, _, _ in store.take(10, up_to_seq=2)] == [1, 2]
+        store.mark_shipped(1)
+        assert store.expire(200.0) == 1  # m2: queued at 100
+        assert store.backlog() == (2, 200.0)
+    with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
+        store.mark_shipped(4)
+        assert store.backlog() == (0, None)
+        store.record([telemetry("A", "m4", 4)])
+        # Sequence numbers never come back, even once the outbox was empty: files are named by them.
+        assert [seq for seq, _, _ in store.take(10)] == [5]
+
+
+def test_threads_share_one_store(store: EdgeStore) -> None:
+    def device(name: str) -> None:
+        for cycle in range(1, 41):
+            store.record([telemetry(name, f"m{cycle}", cycle)])
+
+    threads = [threading.Thread(target=device, args=(f"D{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.backlog()[0] == 160
+    assert len({seq for seq, _, _ in store.take(1000)}) == 160
+    assert all(cycles(store, f"D{n}") == list(range(1, 41)) for n in range(4))
+
+
+# --- crashes ---------------------------------------------------------------------------------------
+
+GROUP = 5  # telemetry messages per record() call
+DEVICES = 3
+
+# Records groups of GROUP telemetry messages (ids m0000000...), each with one malformed message
+# (bad0000...) and a resend of the previous group's last message; prints a group's last id once
+# record() returned. With a landing folder, a forwarder ships at the same time.
+CHILD = f"""
+import sys
+from datetime import UTC, datetime, timedelta
+from edge_module.forwarder import Forwarder
+from edge_module.store import EdgeStore, HistoryEntry
+from turbofan_core.capture import device_message
+from turbofan_core.storage import LocalStore
+from turbofan_core.telemetry import MEASUREMENTS, encode_body
+
+store = EdgeStore(sys.argv[1])
+if sys.argv[2]:
+    Forwarder(store, LocalStore(sys.argv[2]), max_records=7, max_age_seconds=0.0, poll_seconds=0.0).start()
+t0 = datetime(2026, 11, 27, tzinfo=UTC)
+resend = []
+for group in range(10**6):
+    entries = []
+    for n in range(group * {GROUP}, (group + 1) * {GROUP}):
+        device, cycle, message_id = f"Client_{{n % {DEVICES}:03d}}", n // {DEVICES} + 1, f"m{{n:07d}}"
+        values = {{name: float(n + k) for k, name in enumerate(MEASUREMENTS)}}
+        body = encode_body({{"CycleTime": cycle, **values}})
+        record = device_message(device, body, t0 + timedelta(seconds=n), {{}}, message_id)
+        entries.append((record, HistoryEntry(device, message_id, cycle, tuple(values.values()), False)))
+    bad = device_message("Client_000", b"{{", t0, {{}}, f"bad{{group:07d}}")
+    store.record([*entries, (bad, None), *resend])
+    resend = entries[-1:]
+    print(message_id, flush=True)
+"""
+
+
+def expected_ids(groups: int) -> tuple[set[str], set[str]]:
+    """The telemetry and malformed message ids of the first `groups` groups."""
+    return {f"m{n:07d}" for n in range(groups * GROUP)}, {f"bad{g:07d}" for g in range(groups)}
+
+
+def run_and_kill(path: Path, landing: Path | None, acks: int) -> int:
+    """Run CHILD until it acknowledged `acks` groups, SIGKILL it mid-stream; return the groups acked."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = [sys.executable, "-c", CHILD, str(path), str(landing or "")]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True) as child:
+        acked = 0
+        try:
+            for line in child.stdout:
+                assert line.strip() == f"m{(acked + 1) * GROUP - 1:07d}"
+                acked += 1
+                if acked == acks:
+                    break
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert acked == acks, "the child stopped before it acknowledged enough groups"
+    return acked
+
+
+def drain(store: EdgeStore, landing: ObjectStore) -> None:
+    forwarder = Forwarder(store, landing, max_records=50)
+    while forwarder.ship_once(force=True):
+        pass
+    assert store.backlog() == (0, None) and forwarder.failures == 0
+
+
+def landing_ids(landing: ObjectStore) -> list[str | None]:
+    return [record.message_id for name in landing.list_names() for record in read_capture(landing.read(name))]
+
+
+def warehouse_ids(landing: ObjectStore, path: Path) -> tuple[list[str], list[str]]:
+    """Ingest the landing zone as the pipeline does; the message ids of telemetry and quarantine."""
+    with duckdb.connect(str(path)) as conn:
+        ingest_new_files(landing, conn, workers=1)
+        telemetry_ids = [m for (m,) in conn.execute("SELECT message_id FROM telemetry").fetchall()]
+        quarantined = [m for (m,) in conn.execute("SELECT message_id FROM telemetry_quarantine").fetchall()]
+    return telemetry_ids, quarantined
+
+
+def test_sigkill_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    acked = run_and_kill(tmp_path / "edge.sqlite", None, acks=30)
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+        queued = [record.message_id for record in outbox(store)]
+        groups = sum(1 for m in queued if m.startswith("bad"))
+        assert groups >= acked
+        # Whole groups only (one transaction each), every acknowledged one, no resend queued twice.
+        telemetry_ids, bad_ids = expected_ids(groups)
+        assert sorted(queued) == sorted(telemetry_ids | bad_ids)
+        assert sum(len(store.lifetime_history(device)) for device in store.devices()) == len(telemetry_ids)
+        landing = LocalStore(tmp_path / "landing")
+        drain(store, landing)
+    in_telemetry, in_quarantine = warehouse_ids(landing, tmp_path / "warehouse.duckdb")
+    assert sorted(in_telemetry) == sorted(telemetry_ids)
+    assert sorted(in_quarantine) == sorted(bad_ids)
