@@ -39,6 +39,44 @@ class DeviceFeatures:
         # Late within its lifetime: replay the lifetime with the message in its place.
         return self._replay(device, [*self._history(device), entry])[entry.cycle]
 
+    def in_order(self, entries: list[HistoryEntry]) -> bool:
+        """Whether `entries` (telemetry, arrival order) each follow their device's last cycle, so that
+        `features_many` can take them; loads the state of devices not seen since the start."""
+        last: dict[str, int] = {}
+        for entry in entries:
+            device = entry.device_id
+            if device not in last:
+                if device not in self._last_cycle:
+                    self._replay(device, self._history(device))
+                last[device] = self._last_cycle[device]
+            if entry.cycle <= last[device]:
+                return False
+            last[device] = entry.cycle
+        return True
+
+    def features_many(self, entries: list[HistoryEntry]) -> np.ndarray:
+        """Feature rows of in-order telemetry from many devices (see `in_order`), in rounds that update
+        every device with a message at once: the batch path, several times faster per message."""
+        rounds: list[list[int]] = []
+        depth: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            level = depth.get(entry.device_id, 0)
+            depth[entry.device_id] = level + 1
+            if level == len(rounds):
+                rounds.append([])
+            rounds[level].append(index)
+        vectors = np.empty((len(entries), len(self.spec.feature_names)))
+        for members in rounds:
+            batch = [entries[i] for i in members]
+            vectors[members] = self._engine.update_many(
+                [e.device_id for e in batch],
+                [e.cycle for e in batch],
+                np.array([self._values(e) for e in batch]),
+            )
+            for entry in batch:
+                self._last_cycle[entry.device_id] = entry.cycle
+        return vectors
+
     def failure(self, device_id: str) -> None:
         """The engine failed: the next message starts a new lifetime."""
         self._engine.reset(device_id)

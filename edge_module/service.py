@@ -21,11 +21,13 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
+import numpy as np
 import orjson
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from prometheus_client import (
@@ -49,14 +51,15 @@ from edge_module.forwarder import Forwarder
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
 from edge_module.scoring import DeviceFeatures
 from edge_module.store import EdgeStore, HistoryEntry
-from turbofan_core.capture import CaptureRecord, device_message
+from turbofan_core.capture import device_message
 from turbofan_core.features import StreamingFeatures
 from turbofan_core.storage import ObjectStore
-from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, parse_message
+from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check_messages, parse_message
 
 MAX_BODY_BYTES = 1 << 20  # a batch of a few thousand messages; larger is refused, not read
 DESIRED_MODEL = "desired_model.json"
-PURGE_SECONDS = 3600.0  # the last model reference set, so a restart serves it again
+PURGE_SECONDS = 3600.0
+MAX_VERIFIED_TOKENS = 100_000  # the last model reference set, so a restart serves it again
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,41 @@ class _Metrics:
         )
 
 
+Incoming = tuple[
+    str, bytes, dict[str, str], str | None
+]  # device id (from its credential), body, properties, id
+
+
+@dataclass
+class _Checked:
+    """One incoming message on its way through `Edge.receive`: its answer, and what to forward."""
+
+    device_id: str
+    body: bytes
+    properties: dict[str, str]
+    message_id: str
+    entry: HistoryEntry | None = None  # a valid, new message
+    forward: bool = True
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.result["message_id"] = self.message_id
+
+    @property
+    def scorable(self) -> bool:
+        return self.entry is not None and not self.entry.failure
+
+    def score(self, row: np.ndarray, model: LoadedModel) -> None:
+        point, low, high = map(float, row)
+        version = model.reference.version
+        self.result |= {
+            "status": "scored",
+            "rul": {"p50": point, "p10": low, "p90": high},
+            "model_version": version,
+        }
+        self.properties |= {"rul_p50": f"{point:.3f}", "model_version": version}
+
+
 class Edge:
     """The module's state: devices, durable store, model, features, forwarder, metrics."""
 
@@ -106,6 +144,8 @@ class Edge:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.devices = DeviceRegistry.load(config.state_dir / REGISTRY_FILENAME)
+        self._devices_version = self._registry_version()
+        self._verified: dict[str, tuple[str, float]] = {}  # SAS token -> (device, expiry)
         self.admin_key = admin_key()  # read once: a missing key file fails the start, not a request
         self.store = EdgeStore(config.state_dir / "edge.sqlite")
         self.slot = ModelSlot()
@@ -125,6 +165,35 @@ class Edge:
         desired = self._desired()
         if desired is not None:
             self.set_model(desired)
+
+    def _registry_version(self) -> int | None:
+        path = self.devices.path
+        return path.stat().st_mtime_ns if path.exists() else None
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The device the SAS token names; a device created since the start (`turbofan simulate
+        --register`, another process) is found by reading the registry again when it changed.
+
+        A verified token is remembered until it expires (or the registry changes): a device sends
+        thousands of messages with one token, and each check is an HMAC.
+        """
+        now = time.time()
+        known = self._verified.get(authorization or "")
+        if known is not None and known[1] > now:
+            return known[0]
+        try:
+            device = device_from_authorization(authorization, self.devices, now=now)
+        except AuthError:
+            version = self._registry_version()
+            if version == self._devices_version:
+                raise
+            self.devices, self._devices_version = DeviceRegistry.load(self.devices.path), version
+            self._verified.clear()
+            device = device_from_authorization(authorization, self.devices, now=now)
+        if len(self._verified) > MAX_VERIFIED_TOKENS:
+            self._verified.clear()
+        self._verified[authorization] = (device, _expiry(authorization))
+        return device
 
     def _desired(self) -> ModelReference | None:
         path = self.config.state_dir / DESIRED_MODEL
@@ -157,58 +226,86 @@ class Edge:
         self.metrics.model_version.clear()
         self.metrics.model_version.labels(loaded.reference.version, loaded.reference.sha256).set(1)
 
-    def receive(self, device_id: str, messages: list[tuple[bytes, dict[str, str], str | None]]) -> list[dict]:
-        """Validate, score and durably record a device's messages: (body, properties, message id)."""
-        results: list[dict] = []
-        entries: list[tuple[CaptureRecord, HistoryEntry | None]] = []
-        now = datetime.now(UTC)
-        batch_ids: set[str] = set()
+    def receive(self, messages: list[Incoming]) -> list[dict]:
+        """Validate, score and durably record messages, each of the device its credential named.
+
+        In-order telemetry (the usual case) is scored as a batch: features for many devices at once
+        and one model call, then one commit. A batch with a failure event or a late message is taken
+        one message at a time, each committed before the next, so a replay sees what came before it.
+        """
         with self._lock:
             model = self.slot.current
-            for body, properties, message_id in messages:
-                message_id = (
-                    message_id or "edge-" + hashlib.sha256(device_id.encode() + b"\0" + body).hexdigest()[:32]
-                )
-                try:
-                    message = parse_message(body, device_id, properties)
-                except InvalidMessage as error:
-                    self.metrics.rejections.labels(_rule(error.reason)).inc()
-                    entries.append((device_message(device_id, body, now, properties, message_id), None))
-                    results.append({"message_id": message_id, "status": "refused", "reason": error.reason})
-                    continue
-                if message_id in batch_ids or self.store.seen(device_id, message_id):
-                    results.append({"message_id": message_id, "status": "duplicate", "cycle": message.cycle})
-                    continue
-                batch_ids.add(message_id)
-                failure = message.kind == FAILURE
-                entry = HistoryEntry(
-                    device_id, message_id, message.cycle, tuple(map(float, message.measurements)), failure
-                )
-                result: dict[str, Any] = {"message_id": message_id, "cycle": message.cycle}
-                forwarded = dict(properties)
-                if failure:
-                    if self._features is not None:
-                        self._features.failure(device_id)
-                    result["status"] = "failure_event"
-                elif model is None or self._features is None:
-                    result["status"] = "accepted_unscored"
-                else:
-                    vector = self._features.features(entry)
-                    point, low, high = map(float, model.bundle.predict_matrix(vector)[0])
-                    rul = {"p50": point, "p10": low, "p90": high}
-                    result |= {"status": "scored", "rul": rul, "model_version": model.reference.version}
-                    forwarded |= {"rul_p50": f"{point:.3f}", "model_version": model.reference.version}
-                entries.append((device_message(device_id, body, now, forwarded, message_id), entry))
-                results.append(result)
-            try:
-                self.store.record(entries)
-            except Exception:
-                if self._features is not None:  # its state moved on for messages now lost
-                    self._features.forget(device_id)
-                raise
-        for result in results:
-            self.metrics.messages.labels(result["status"]).inc()
-        return results
+            checked = self._check(messages)
+            telemetry = [c.entry for c in checked if c.entry is not None and not c.entry.failure]
+            failures = any(c.entry is not None and c.entry.failure for c in checked)
+            if model is None or self._features is None:
+                self._record(checked)
+            elif not failures and self._features.in_order(telemetry):
+                if telemetry:
+                    scores = model.bundle.predict_matrix(self._features.features_many(telemetry))
+                    for item, row in zip((c for c in checked if c.scorable), scores, strict=True):
+                        item.score(row, model)
+                self._record(checked)
+            else:
+                for item in checked:
+                    if item.entry is not None and item.entry.failure:
+                        self._features.failure(item.entry.device_id)
+                    elif item.scorable:
+                        item.score(model.bundle.predict_matrix(self._features.features(item.entry))[0], model)
+                    self._record([item])
+        for item in checked:
+            self.metrics.messages.labels(item.result["status"]).inc()
+        return [item.result for item in checked]
+
+    def _check(self, messages: list[Incoming]) -> list[_Checked]:
+        """Validate (the contract's batch checks) and deduplicate, without changing any state."""
+        checked = [
+            _Checked(device_id, body, dict(properties), message_id or _derived_id(device_id, body))
+            for device_id, body, properties, message_id in messages
+        ]
+        verdicts = check_messages(
+            [c.body for c in checked],
+            [c.device_id for c in checked],
+            [c.properties or None for c in checked],
+            [None] * len(checked),  # content type and encoding were checked on the request
+            [None] * len(checked),
+        )
+        seen = self.store.seen_many([(c.device_id, c.message_id) for c in checked])
+        for index, item in enumerate(checked):
+            if not verdicts.valid[index]:
+                reason = verdicts.reasons[index]
+                self.metrics.rejections.labels(_rule(reason)).inc()
+                item.result |= {"status": "refused", "reason": reason}
+                continue
+            cycle = int(verdicts.cycles[index])
+            item.result["cycle"] = cycle
+            key = (item.device_id, item.message_id)
+            if key in seen:
+                item.result["status"] = "duplicate"
+                item.forward = False  # forwarded the first time
+                continue
+            seen.add(key)
+            failure = bool(verdicts.failure[index])
+            values = () if failure else tuple(verdicts.measurements[index].tolist())
+            item.entry = HistoryEntry(item.device_id, item.message_id, cycle, values, failure)
+            item.result["status"] = "failure_event" if failure else "accepted_unscored"
+        return checked
+
+    def _record(self, checked: list[_Checked]) -> None:
+        """Commit what is to be forwarded (and the history it adds) in one transaction."""
+        now = datetime.now(UTC)
+        entries = [
+            (device_message(c.device_id, c.body, now, c.properties, c.message_id), c.entry)
+            for c in checked
+            if c.forward
+        ]
+        try:
+            self.store.record(entries)
+        except Exception:
+            for _, entry in entries:
+                if entry is not None and self._features is not None:  # its state moved on for a lost message
+                    self._features.forget(entry.device_id)
+            raise
 
     def refresh_metrics(self) -> None:
         count, oldest = self.store.backlog()
@@ -218,25 +315,37 @@ class Edge:
             self.metrics.dropped.set(self.forwarder.dropped)
 
 
+def _derived_id(device_id: str, body: bytes) -> str:
+    """An id for a message that came without one: the same bytes from the same device are a repeat."""
+    return "edge-" + hashlib.sha256(device_id.encode() + b"\0" + body).hexdigest()[:32]
+
+
+def _expiry(token: str) -> float:
+    """The `se` of a token that verified (so it has one)."""
+    return float(parse_qs(token.removeprefix("SharedAccessSignature "))["se"][0])
+
+
 def _rule(reason: str) -> str:
     """A refusal reason without its values, so the metric has one series per rule, not per message."""
     return re.sub(r"'[^']*'|-?\d[\d.e+-]*|\b(?:str|int|float|bool|NoneType|list|dict)\b.*", "_", reason)[:80]
 
 
-def _messages(body: bytes, headers: dict[str, str]) -> list[tuple[bytes, dict[str, str], str | None]]:
-    """A JSON body (one message) or a JSON list (a batch) as (raw body, properties, message id).
+def _messages(
+    body: bytes, headers: dict[str, str]
+) -> list[tuple[str | None, bytes, dict[str, str], str | None]]:
+    """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id).
 
-    A batch item is a telemetry body, or an envelope {"body": ..., "properties": ..., "messageId": ...};
-    a single message takes its id and type from IoT Hub's REST headers.
+    A single message takes its id and properties from IoT Hub's REST headers. A batch item is a
+    telemetry body, or an envelope {"body", "properties", "messageId", "authorization"}: a gateway
+    batching many devices' messages gives each its device's SAS token; without one, the item is the
+    requesting device's (credential None).
     """
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return [
-            (body, _header_properties(headers), headers.get("iothub-messageid"))
-        ]  # refused by the contract
+        parsed = None  # refused by the contract, with its reason
     if not isinstance(parsed, list):
-        return [(body, _header_properties(headers), headers.get("iothub-messageid"))]
+        return [(None, body, _header_properties(headers), headers.get("iothub-messageid"))]
     items = []
     for index, item in enumerate(parsed):
         if not isinstance(item, dict):
@@ -245,9 +354,11 @@ def _messages(body: bytes, headers: dict[str, str]) -> list[tuple[bytes, dict[st
             )
         if "body" in item:
             properties = {str(k): str(v) for k, v in (item.get("properties") or {}).items()}
-            items.append((orjson.dumps(item["body"]), properties, item.get("messageId")))
+            items.append(
+                (item.get("authorization"), orjson.dumps(item["body"]), properties, item.get("messageId"))
+            )
         else:
-            items.append((orjson.dumps(item), {}, None))
+            items.append((None, orjson.dumps(item), {}, None))
     return items
 
 
@@ -281,7 +392,7 @@ def create_app(config: EdgeConfig) -> FastAPI:
 
     def _device(authorization: str | None) -> str:
         try:
-            return device_from_authorization(authorization, edge.devices)
+            return edge.authenticate(authorization)
         except AuthError as error:
             raise HTTPException(401, error.reason) from None
 
@@ -293,9 +404,9 @@ def create_app(config: EdgeConfig) -> FastAPI:
 
     @app.post("/telemetry")
     async def telemetry(request: Request, authorization: str | None = Header(None)) -> Response:
-        """One message (IoT Hub REST style) or a batch, from the device the SAS token names."""
+        """One message (IoT Hub REST style) or a batch, from the device the SAS token names (or, in a
+        gateway's batch, the devices each item's token names)."""
         started = time.perf_counter()
-        device_id = _device(authorization)
         content_type, _, parameters = request.headers.get("content-type", "application/json").partition(";")
         if content_type.strip().lower() != "application/json":
             raise HTTPException(415, f"content type {content_type.strip()!r} is not 'application/json'")
@@ -305,9 +416,13 @@ def create_app(config: EdgeConfig) -> FastAPI:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise HTTPException(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
-        messages = _messages(body, {k.lower(): v for k, v in request.headers.items()})
+        items = _messages(body, {k.lower(): v for k, v in request.headers.items()})
+        requester = (
+            None if authorization is None and all(item[0] for item in items) else _device(authorization)
+        )
+        messages = [(_device(token) if token else requester, *rest) for token, *rest in items]
         try:
-            results = await _in_thread(edge.receive, device_id, messages)
+            results = await _in_thread(edge.receive, messages)
         except (sqlite3.Error, OSError) as error:
             raise HTTPException(
                 503, f"could not store the messages durably, send them again: {error}"

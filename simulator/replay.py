@@ -9,6 +9,9 @@ numbered `Client_001`, `Client_002`... in unit order.
 Delivery is at least once, as with IoT Hub: each message carries a message id that is the same
 whenever it is replayed, a `duplicates` fraction is delivered twice (a device resend) and the
 writer can publish a fraction of its files late, so the pipeline meets what a real fleet sends.
+
+Messages go through a `Transport`: a `CaptureWriter` (capture files, as IoT Hub routing writes
+them) or an `EdgeClient` (each message posted to the edge module, as devices behind a gateway).
 """
 
 from __future__ import annotations
@@ -16,18 +19,40 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import pandas as pd
 
-from simulator.capture_writer import CaptureWriter
 from turbofan_core.capture import CaptureRecord, device_message
 from turbofan_core.cmapss import UNIT
 from turbofan_core.telemetry import FAILURE, FIELDS, TYPE_PROPERTY, encode_body
 
 _FAILURE_PROPERTIES = {TYPE_PROPERTY: FAILURE}
+
+
+class Transport(Protocol):
+    """Where a replay sends: what it needs of a `CaptureWriter`, so an `EdgeClient` can stand in.
+
+    Messages are delivered in "files": `send` returns the number of the device's file a message
+    went in, and a copy (`duplicates`) is only resent once `closed_files` has passed it.
+    """
+
+    @property
+    def files(self) -> int:
+        """Files published so far."""
+
+    @property
+    def late_files(self) -> int:
+        """Files published after a later one."""
+
+    def send(self, record: CaptureRecord, device_id: str) -> int: ...
+
+    def closed_files(self, device_id: str) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 class UnknownUnits(ValueError):
@@ -83,6 +108,13 @@ def device_id_of(unit: int) -> str:
     return f"Client_{unit:03d}"
 
 
+def device_ids(units: Sequence[int], engines_per_device: int = 1) -> list[str]:
+    """The devices a replay of `units` (in order) sends as: what the edge's registry must hold."""
+    if engines_per_device == 1:
+        return [device_id_of(unit) for unit in units]
+    return [device_id_of(number) for number in range(1, -(-len(units) // engines_per_device) + 1)]
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -125,11 +157,10 @@ def _engines(frame: pd.DataFrame) -> list[_Engine]:
 
 def _devices(engines: list[_Engine], engines_per_device: int) -> list[_Device]:
     """One engine per device keeps the unit's number (`Client_007`); more are numbered by chunk."""
-    if engines_per_device == 1:
-        return [_Device(device_id_of(engine.unit), [engine]) for engine in engines]
+    ids = device_ids([engine.unit for engine in engines], engines_per_device)
     return [
-        _Device(device_id_of(start // engines_per_device + 1), engines[start : start + engines_per_device])
-        for start in range(0, len(engines), engines_per_device)
+        _Device(device_id, engines[i * engines_per_device : (i + 1) * engines_per_device])
+        for i, device_id in enumerate(ids)
     ]
 
 
@@ -149,7 +180,7 @@ def _rounds(device: _Device, failure_events: bool) -> Iterator[list[_Message]]:
 
 def replay(
     frame: pd.DataFrame,
-    writer: CaptureWriter,
+    writer: Transport,
     units: Iterable[int] | None = None,
     rate: float | None = None,
     failure_events: bool = True,

@@ -363,3 +363,47 @@ def test_model_and_metrics_describe_the_service(edge: Edge, bundles) -> None:
     assert f'edge_model_info{{sha256="{bundle.sha256}",version="1"}} 1.0' in text
     assert 'edge_messages_total{result="refused"} 1.0' in text
     assert "edge_forward_backlog" in text and "edge_telemetry_seconds_bucket" in text
+
+
+def test_a_gateway_batch_of_many_devices_scores_like_the_batch_model(
+    edge: Edge, bundles, test_units: pd.DataFrame
+) -> None:
+    """One request, many devices, each item with its device's token: scored a round at a time."""
+    bundle, _ = bundles["1"]
+    live = test_units.sort_values(["CycleTime", "device_id"], kind="stable")
+    tokens = {device: edge.token(device)["Authorization"] for device in DEVICES}
+    batch = [
+        {"body": body, "messageId": f"{device}-{body['CycleTime']}", "authorization": tokens[device]}
+        for device, body in zip(live["device_id"], bodies(live), strict=True)
+    ]  # fmt: skip
+    status, results = edge.call("POST", "/telemetry", batch[:500])
+    assert status == 200 and {r["status"] for r in results} == {"scored"}
+    want = expected(bundle, test_units)
+    for item, result in zip(batch[:500], results, strict=True):
+        device = item["messageId"].rsplit("-", 1)[0]
+        assert_scored_like([result], device, want)
+    forged = [{**batch[500], "authorization": edge.token(DEVICES[0], key="A" * 44)["Authorization"]}]
+    assert edge.call("POST", "/telemetry", forged)[0] == 401
+
+
+def test_a_batch_with_a_late_message_and_a_failure_event_follows_device_order(
+    edge: Edge, bundles, test_units: pd.DataFrame
+) -> None:
+    bundle, _ = bundles["1"]
+    device = DEVICES[3]
+    frame = test_units[test_units["device_id"] == device].head(8)
+    messages = bodies(frame)
+    assert edge.send(device, [{"body": b, "messageId": f"m{b['CycleTime']}"} for b in messages[:5]])[0] == 200
+    late_batch = [
+        {"body": messages[6], "messageId": "m7"},
+        {"body": messages[5], "messageId": "m6"},  # late: cycle 6 after cycle 7
+        {"body": {"CycleTime": 7}, "messageId": "f1", "properties": {"type": "failure"}},
+        {"body": {**messages[0], "Sensor2": 642.5}, "messageId": "n1"},  # the next engine, cycle 1
+    ]
+    status, results = edge.send(device, late_batch)
+    assert [r["status"] for r in results] == ["scored", "scored", "failure_event", "scored"]
+    # Cycle 7 is scored as it arrived (cycle 6 not there yet); cycle 6 takes its place in the lifetime.
+    assert_scored_like(results[:1], device, expected(bundle, frame.head(7)[frame.head(7)["CycleTime"] != 6]))
+    assert_scored_like(results[1:2], device, expected(bundle, frame.head(6)))
+    next_engine = frame.head(1).assign(Sensor2=642.5)
+    assert_scored_like(results[3:], device, expected(bundle, next_engine))

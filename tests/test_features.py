@@ -64,6 +64,22 @@ def test_streaming_equals_batch_on_every_fd001_cycle(fd001: pd.DataFrame, spec: 
     np.testing.assert_allclose(streamed[order], expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec", [DEFAULT_SPEC, FULL_SPEC], ids=["default", "full"])
+def test_many_devices_at_once_equal_one_at_a_time(fd001: pd.DataFrame, spec: FeatureSpec) -> None:
+    """The edge's batch path: each round updates every device that has a message, in one call."""
+    live = fd001.sort_values(["CycleTime", "device_id"], kind="stable")
+    sensors = list(spec.sensors)
+    one, many = StreamingFeatures(spec), StreamingFeatures(spec)
+    for _, round_ in live.groupby("CycleTime", sort=True):
+        devices, cycles = round_["device_id"].tolist(), round_["CycleTime"].tolist()
+        values = round_[sensors].to_numpy()
+        together = many.update_many(devices, cycles, values)
+        alone = np.array([one.update(d, c, v) for d, c, v in zip(devices, cycles, values, strict=True)])
+        np.testing.assert_allclose(together, alone, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="at most once"):
+        many.update_many(["t1", "t1"], [1, 2], np.zeros((2, len(sensors))))
+
+
 def _trajectory(values: list[float]) -> pd.DataFrame:
     return pd.DataFrame(
         {

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from turbofan_core.home import Home
 
+CONTAINER_ENV = "TURBOFAN_LANDING_CONTAINER"
+CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -37,7 +40,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from edge_module.model_slot import ModelReference
     from edge_module.service import EdgeConfig, create_app
     from turbofan_cli import CommandError
-    from turbofan_core.storage import LocalStore
+    from turbofan_core.storage import LocalStore, blob_store_from_connection_string
 
     home = Home.from_env()
     if bool(args.model_uri) != bool(args.model_sha256):
@@ -45,7 +48,11 @@ def run_serve(args: argparse.Namespace) -> int:
     model = ModelReference(args.model_version, args.model_uri, args.model_sha256) if args.model_uri else None
     config = EdgeConfig(
         state_dir=args.state or home.root / "edge",
-        landing=LocalStore(args.landing_dir or home.landing),
+        landing=(
+            blob_store_from_connection_string(os.environ[CONNECTION_STRING_ENV], os.environ[CONTAINER_ENV])
+            if args.landing_dir is None and os.environ.get(CONTAINER_ENV)
+            else LocalStore(args.landing_dir or home.landing)
+        ),
         model=model,
     )
     print(

@@ -1,7 +1,9 @@
-"""`turbofan simulate`: replay C-MAPSS engines as devices, writing IoT Hub capture files.
+"""`turbofan simulate`: replay C-MAPSS engines as devices, writing IoT Hub capture files, or posting
+each message to the edge module (`--to edge`), which scores it and forwards it to its landing zone.
 
-Secrets come only from the environment (AZURE_STORAGE_CONNECTION_STRING), never from
-arguments, which other users can read in the process list, and are never printed.
+Secrets come only from the environment (AZURE_STORAGE_CONNECTION_STRING) or, for the edge, from
+its device registry file, never from arguments, which other users can read in the process list,
+and are never printed.
 """
 
 from __future__ import annotations
@@ -10,14 +12,25 @@ import argparse
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
+from edge_module.auth import REGISTRY_FILENAME, DeviceRegistry, RegistryError
 from simulator.capture_writer import CaptureWriter
-from simulator.replay import ReplayInterrupted, ReplayStats, UnknownUnits, replay, select_units
+from simulator.edge_client import DEFAULT_HUB_HOSTNAME, DEFAULT_RETRY_SECONDS, EdgeClient, EdgeError
+from simulator.replay import (
+    ReplayInterrupted,
+    ReplayStats,
+    Transport,
+    UnknownUnits,
+    device_ids,
+    replay,
+    select_units,
+)
 from turbofan_cli import CommandError
 from turbofan_core.cmapss import UNIT, read_cmapss
 from turbofan_core.home import Home
@@ -27,6 +40,17 @@ CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 CONTAINER_ENV = "TURBOFAN_LANDING_CONTAINER"
 _UNIT_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 _SECRET_KEYS = ("AccountKey", "SharedAccessSignature")
+# Flags of --to edge only: (attribute, flag).
+_EDGE_FLAGS = (
+    ("edge_url", "--edge-url"),
+    ("edge_state", "--edge-state"),
+    ("register", "--register"),
+    ("hub_hostname", "--hub-hostname"),
+    ("retry_seconds", "--retry-seconds"),
+)
+_NAMED_DEVICES = 8  # a longer list of missing devices is cut, so the error stays one readable line
+_LIVE_DEVICES = 2  # devices nearest failure shown beside the progress bar
+_LIVE_SECONDS = 0.5  # how often those are refreshed
 
 
 def parse_units(text: str) -> list[int]:
@@ -59,13 +83,17 @@ def _argument(convert: Callable[[str], float], accept: Callable[[float], bool], 
 _positive = _argument(float, lambda value: value > 0, "a positive number")
 _count = _argument(int, lambda value: value >= 1, "a whole number of at least 1")
 _fraction = _argument(float, lambda value: 0 <= value < 1, "a fraction in [0, 1), like 0.05")
+_seconds = _argument(float, lambda value: value >= 0, "a number of seconds, 0 or more")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", type=Path, required=True, help="a C-MAPSS file, e.g. train_FD001.txt")
     parser.add_argument("--units", type=parse_units, help="units to replay: 1-20 or 1,5,9-12 (default: all)")
     parser.add_argument(
-        "--to", choices=("landing", "blob"), default="landing", help="landing folder or Azure Blob container"
+        "--to",
+        choices=("landing", "blob", "edge"),
+        default="landing",
+        help="landing folder, Azure Blob container, or the edge module (POST /telemetry per message)",
     )
     parser.add_argument(
         "--container",
@@ -108,10 +136,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random draws of --duplicates and --late (default 0)"
     )
+    edge = parser.add_argument_group("--to edge")
+    edge.add_argument("--edge-url", metavar="URL", help="the edge module, e.g. http://127.0.0.1:8080")
+    edge.add_argument(
+        "--edge-state",
+        type=Path,
+        metavar="DIR",
+        help="the edge's state folder; its devices.json holds the device keys (default: $TURBOFAN_HOME/edge)",
+    )
+    edge.add_argument(
+        "--register",
+        action="store_true",
+        help="create the devices missing from the registry; the edge reads its registry at start, so "
+        "start (or restart) it after, unless it reloads its registry when it meets an unknown device",
+    )
+    edge.add_argument(
+        "--hub-hostname",
+        metavar="HOST",
+        help=f"the IoT hub the SAS tokens name (default {DEFAULT_HUB_HOSTNAME})",
+    )
+    edge.add_argument(
+        "--retry-seconds",
+        type=_seconds,
+        metavar="S",
+        help="how long a message is resent (same id) while the edge is unreachable or answers 5xx, "
+        f"before giving up (default {DEFAULT_RETRY_SECONDS:g})",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_target_flags(args)
     frame = _read_frame(args.file)
     try:
         selected = select_units(frame, args.units)
@@ -119,15 +174,83 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.file}: {error}") from None
     # Only run-to-failure (train) files end in a failure; a test unit stops while still healthy.
     failure_events = not args.no_failure_events and args.file.name.startswith("train_")
+    if args.to == "edge":
+        return _run_edge(args, selected, failure_events)
     connection_string = os.environ.get(CONNECTION_STRING_ENV, "")
     try:
         store = _open_store(args, connection_string)
-        stats, interrupted = _replay_with_progress(selected, store, args, failure_events)
+        with CaptureWriter(store, hub=args.hub, late=args.late, seed=args.seed) as writer:
+            stats, interrupted = _replay_with_progress(selected, writer, args, failure_events, store.location)
     except _storage_errors() as error:
         message = _redact(_first_line(error), connection_string)
         raise CommandError(f"cannot write to the landing zone: {message}") from None
     print(_summary(stats, store.location, interrupted, delivery=bool(args.duplicates or args.late)))
     return 130 if interrupted else 0
+
+
+def _check_target_flags(args: argparse.Namespace) -> None:
+    """Refuse, before any work, flags that mean nothing for the chosen target."""
+    if args.to != "edge":
+        given = [flag for name, flag in _EDGE_FLAGS if getattr(args, name)]
+        if given:
+            raise CommandError(f"{', '.join(given)} only apply to --to edge")
+        return
+    if args.late:
+        raise CommandError(
+            "--late publishes capture files late, which has no meaning for --to edge: "
+            "the edge answers each message as it is sent"
+        )
+    if args.landing_dir or args.container:
+        raise CommandError(
+            "--landing-dir and --container do not apply to --to edge: the edge forwards to its landing zone"
+        )
+    if not args.edge_url:
+        raise CommandError("--to edge needs --edge-url URL, e.g. http://127.0.0.1:8080")
+
+
+def _run_edge(args: argparse.Namespace, selected: pd.DataFrame, failure_events: bool) -> int:
+    """Replay into the edge module, showing its latest answers; the summary counts its answers."""
+    state = args.edge_state or Home.from_env().root / "edge"
+    units = sorted(selected[UNIT].unique().tolist())
+    keys = _device_keys(state / REGISTRY_FILENAME, device_ids(units, args.engines_per_device), args.register)
+    retry_seconds = DEFAULT_RETRY_SECONDS if args.retry_seconds is None else args.retry_seconds
+    try:
+        client = EdgeClient(args.edge_url, keys, args.hub_hostname or DEFAULT_HUB_HOSTNAME, retry_seconds)
+    except ValueError as error:
+        raise CommandError(f"--edge-url: {error}") from None
+    try:
+        with client:
+            stats, interrupted = _replay_with_progress(selected, client, args, failure_events, args.edge_url)
+    except EdgeError as error:
+        raise CommandError(str(error)) from None
+    print(_edge_summary(stats, client, args.edge_url, interrupted, resent=bool(args.duplicates)))
+    return 130 if interrupted else 0
+
+
+def _device_keys(path: Path, devices: list[str], register: bool) -> dict[str, str]:
+    """Each device's primary key from the edge's registry; missing devices are an error, or created."""
+    try:
+        registry = DeviceRegistry.load(path)
+        missing = [device for device in devices if registry.get(device) is None]
+        if missing and not register:
+            named = ", ".join(missing[:_NAMED_DEVICES])
+            if len(missing) > _NAMED_DEVICES:
+                named += f" and {len(missing) - _NAMED_DEVICES} more"
+            raise CommandError(
+                f"{len(missing)} devices are not in the edge's registry {path}: {named}; "
+                "create them with --register (then start the edge, unless it reloads its registry)"
+            )
+        for device in missing:
+            registry.create(device)
+    except (RegistryError, OSError) as error:  # messages name the file, never its keys
+        raise CommandError(_first_line(error)) from None
+    if missing:
+        print(
+            f"registered {len(missing)} devices in {path}; an edge already running knows them only "
+            "once it reloads its registry (restart it if it answers 'unknown device')",
+            file=sys.stderr,
+        )
+    return {device: registry.get(device).primary_key for device in devices}
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
@@ -180,7 +303,7 @@ def _redact(text: str, connection_string: str) -> str:
 
 
 def _replay_with_progress(
-    selected: pd.DataFrame, store: ObjectStore, args: argparse.Namespace, failure_events: bool
+    selected: pd.DataFrame, transport: Transport, args: argparse.Namespace, failure_events: bool, where: str
 ) -> tuple[ReplayStats, bool]:
     """Replay with a progress bar on stderr; return the stats and whether Ctrl-C stopped it."""
     units = selected[UNIT].nunique()
@@ -188,19 +311,17 @@ def _replay_with_progress(
     total = len(selected) + (units if failure_events else 0)
     total += round(args.duplicates * total)  # replay resends exactly this many
     engines = f" ({units} engines)" if args.engines_per_device > 1 else ""
-    started = f"replaying {devices} devices{engines}, {total} messages, from {args.file} to {store.location}"
+    started = f"replaying {devices} devices{engines}, {total} messages, from {args.file} to {where}"
     print(started, file=sys.stderr)
-    with (
-        CaptureWriter(store, hub=args.hub, late=args.late, seed=args.seed) as writer,
-        tqdm(total=total, desc=f"{devices} devices", unit="msg", file=sys.stderr, disable=None) as bar,
-    ):
+    with tqdm(total=total, desc=f"{devices} devices", unit="msg", file=sys.stderr, disable=None) as bar:
+        live = _LiveAnswers(transport, bar) if isinstance(transport, EdgeClient) else None
         try:
             stats = replay(
                 selected,
-                writer,
+                transport,
                 rate=args.rate,
                 failure_events=failure_events,
-                on_message=lambda _r: bar.update(),
+                on_message=live.answered if live else lambda _record: bar.update(),
                 engines_per_device=args.engines_per_device,
                 duplicates=args.duplicates,
                 seed=args.seed,
@@ -208,6 +329,41 @@ def _replay_with_progress(
         except ReplayInterrupted as stop:
             return stop.stats, True
     return stats, False
+
+
+class _LiveAnswers:
+    """The edge's answers beside the progress bar: the devices nearest failure by RUL, or a retry.
+
+    Refreshed at most every `_LIVE_SECONDS`, in the bar's one line (tqdm cuts it to the terminal):
+    a line per answer would scroll the terminal away at hundreds of messages a second.
+    """
+
+    def __init__(self, client: EdgeClient, bar: tqdm) -> None:
+        self.client = client
+        self.bar = bar
+        self._next = 0.0
+        client.on_retry = self.retrying
+
+    def answered(self, _record: object) -> None:
+        self.bar.update()
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + _LIVE_SECONDS
+            self.bar.set_postfix_str(self._nearest_failure(), refresh=False)
+
+    def retrying(self, failure: str, seconds_left: float) -> None:
+        what = failure.partition(":")[0]  # the error's type or the HTTP status: the rest is too long here
+        self.bar.set_postfix_str(f"edge unreachable ({what}); resending for {seconds_left:.0f} s more")
+        self._next = 0.0  # the next answer replaces this at once
+
+    def _nearest_failure(self) -> str:
+        scored = [(device, a) for device, a in self.client.latest.items() if a.p50 is not None]
+        if not scored:
+            return "answered unscored: the edge serves no model" if self.client.unscored else ""
+        nearest = sorted(scored, key=lambda item: item[1].p50)[:_LIVE_DEVICES]
+        return ", ".join(
+            f"{device} c{a.cycle} RUL {a.p50:.0f} [{a.p10:.0f}-{a.p90:.0f}]" for device, a in nearest
+        )
 
 
 def _summary(stats: ReplayStats, where: str, interrupted: bool, delivery: bool) -> str:
@@ -222,4 +378,29 @@ def _summary(stats: ReplayStats, where: str, interrupted: bool, delivery: bool) 
     if delivery:
         lines += [f"duplicates:     {stats.duplicates}", f"late files:     {stats.late_files}"]
     lines += [f"where:          {where}", f"seconds:        {stats.seconds:.2f}"]
+    return "\n".join(lines)
+
+
+def _edge_summary(stats: ReplayStats, client: EdgeClient, where: str, interrupted: bool, resent: bool) -> str:
+    """The counts and the edge's answers, one per line; the commonest refusal reasons with the refusals."""
+    lines = ["interrupted: every message sent until then was answered by the edge"] if interrupted else []
+    lines += [
+        f"devices:        {stats.devices}",
+        f"messages:       {stats.messages}",
+        f"failure events: {stats.failure_events}",
+    ]
+    if resent:
+        lines.append(f"resent copies:  {stats.duplicates}")
+    refused = f"refused:        {client.refused}"
+    if client.refusals:
+        refused += " (" + "; ".join(f"{n} x {why}" for why, n in client.refusals.most_common(3)) + ")"
+    lines += [
+        f"scored:         {client.scored}",
+        f"unscored:       {client.unscored}",
+        f"duplicates:     {client.duplicates}",
+        refused,
+        f"retries:        {client.retries}",
+        f"where:          {where}",
+        f"seconds:        {stats.seconds:.2f}",
+    ]
     return "\n".join(lines)

@@ -324,32 +324,62 @@ class StreamingFeatures:
             x = np.asarray(values, dtype=np.float64)
             if x.shape != (len(spec.sensors),):
                 raise ValueError(f"expected {len(spec.sensors)} values in spec.sensors order, got {x.shape}")
+        return self.update_many([device_id], [cycle], x[None, :])[0]
+
+    def update_many(self, device_ids: Sequence[str], cycles: Sequence[int], values: np.ndarray) -> np.ndarray:
+        """`update` for several devices at once (each at most once), one feature row per device.
+
+        The window statistics of every device are computed in one vectorised pass, which is
+        what lets the edge score batches from many devices faster than one message at a time;
+        the result equals calling `update` for each in turn.
+        """
+        if len(set(device_ids)) != len(device_ids):
+            raise ValueError("update_many takes each device at most once; split repeats into rounds")
+        x = np.asarray(values, dtype=np.float64)
+        spec = self.spec
+        if x.shape != (len(device_ids), len(spec.sensors)):
+            raise ValueError(f"expected ({len(device_ids)}, {len(spec.sensors)}) values, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("sensor values must be finite")
-        state = self._states.get(device_id)
-        if state is None or cycle <= state.cycle:
-            state = _DeviceState(spec.max_window, len(spec.sensors), len(spec.ewm_alphas))
-            self._states[device_id] = state
-        state.cycle = cycle
-        state.count += 1
-        state.history[:-1] = state.history[1:]
-        state.history[-1] = x
-        if state.count == 1:
-            state.smoothed = np.tile(x, (len(spec.ewm_alphas), 1))
-        else:
-            state.smoothed = self._alphas * x + (1 - self._alphas) * state.smoothed
+        states = []
+        for device_id, cycle, row in zip(device_ids, cycles, x, strict=True):
+            state = self._states.get(device_id)
+            if state is None or cycle <= state.cycle:
+                state = _DeviceState(spec.max_window, len(spec.sensors), len(spec.ewm_alphas))
+                self._states[device_id] = state
+            state.cycle = cycle
+            state.count += 1
+            state.history[:-1] = state.history[1:]
+            state.history[-1] = row
+            if state.count == 1:
+                state.smoothed = np.tile(row, (len(spec.ewm_alphas), 1))
+            else:
+                state.smoothed = self._alphas * row + (1 - self._alphas) * state.smoothed
+            states.append(state)
+        return self._features(states, np.asarray(cycles), x)
 
-        features = np.empty(len(self.feature_names))
+    def _features(self, states: list[_DeviceState], cycles: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Feature rows of updated device states."""
+        spec = self.spec
+        features = np.empty((len(states), len(self.feature_names)))
         if spec.include_cycle:
-            features[0] = cycle
-        features[self._raw_columns] = x
+            features[:, 0] = cycles
+        features[:, self._raw_columns] = x
         if spec.windows:
-            # All windows in one call: each sees the whole history with only its last
-            # min(count, w) slots valid; the extra slots add zeros to the batch engine's sums.
-            shape = (spec.max_window, len(spec.windows), len(spec.sensors))
-            history = np.broadcast_to(state.history[:, None, :], shape)
-            count = np.minimum(state.count, self._windows)
-            features[self._stats_columns] = _window_statistics(history, count, spec.statistics)
+            # All devices and windows in one call: each window sees the whole history with only its
+            # last min(count, w) slots valid; the extra slots add zeros to the batch engine's sums.
+            windows = len(spec.windows)
+            history = np.stack([state.history for state in states], axis=1)  # (max_window, devices, sensors)
+            shape = (spec.max_window, len(states), windows, len(spec.sensors))
+            stacked = np.broadcast_to(history[:, :, None, :], shape).reshape(
+                spec.max_window, -1, len(spec.sensors)
+            )
+            count = np.minimum(np.array([state.count for state in states])[:, None], self._windows).ravel()
+            statistics = _window_statistics(
+                stacked, count, spec.statistics
+            )  # (stats, devices * windows, sensors)
+            statistics = statistics.reshape(len(spec.statistics), len(states), windows, len(spec.sensors))
+            features[:, self._stats_columns] = statistics.transpose(1, 0, 2, 3)
         if spec.ewm_alphas:
-            features[self._ewm_columns] = state.smoothed
+            features[:, self._ewm_columns] = np.stack([state.smoothed for state in states])
         return features
