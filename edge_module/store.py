@@ -255,8 +255,9 @@ class EdgeStore:
             values = ", ".join("(?, ?)" for _ in chunk)
             found.update(
                 self._query(
-                    "SELECT device_id, message_id FROM seen "
-                    f"WHERE (device_id, message_id) IN (VALUES {values})",
+                    # A join, so that each pair is one lookup in the primary key, not a scan of `seen`.
+                    f"SELECT s.device_id, s.message_id FROM (VALUES {values}) AS v "
+                    "JOIN seen AS s ON s.device_id = v.column1 AND s.message_id = v.column2",
                     [part for key in chunk for part in key],
                 )
             )

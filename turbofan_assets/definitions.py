@@ -24,6 +24,7 @@ from turbofan_assets.assets import evaluation, ingestion, preparation, training
 from turbofan_assets.checks import CHECKS
 from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder, Warehouse
 from turbofan_core.home import Home
+from turbofan_core.storage import LANDING_CONTAINER_ENV
 
 PIPELINE_JOB = "turbofan_pipeline"
 
@@ -48,7 +49,7 @@ def build_definitions(home: Home) -> Definitions:
         asset_checks=CHECKS,
         jobs=[define_asset_job(PIPELINE_JOB, selection=AssetSelection.all())],
         resources={
-            "landing_zone": file_store("TURBOFAN_LANDING_CONTAINER", home.landing),
+            "landing_zone": file_store(LANDING_CONTAINER_ENV, home.landing),
             "model_store": file_store("TURBOFAN_MODEL_CONTAINER", home.models),
             "warehouse": Warehouse(database=str(home.warehouse)),
             "cmapss": CmapssFiles(directory=str(home.cmapss_dir())),

@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 
 from turbofan_core.home import Home
-
-CONTAINER_ENV = "TURBOFAN_LANDING_CONTAINER"
-CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+from turbofan_core.storage import CONNECTION_STRING_ENV, LANDING_CONTAINER_ENV
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +47,10 @@ def run_serve(args: argparse.Namespace) -> int:
     config = EdgeConfig(
         state_dir=args.state or home.root / "edge",
         landing=(
-            blob_store_from_connection_string(os.environ[CONNECTION_STRING_ENV], os.environ[CONTAINER_ENV])
-            if args.landing_dir is None and os.environ.get(CONTAINER_ENV)
+            blob_store_from_connection_string(
+                os.environ[CONNECTION_STRING_ENV], os.environ[LANDING_CONTAINER_ENV]
+            )
+            if args.landing_dir is None and os.environ.get(LANDING_CONTAINER_ENV)
             else LocalStore(args.landing_dir or home.landing)
         ),
         model=model,

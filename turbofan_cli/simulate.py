@@ -34,10 +34,14 @@ from simulator.replay import (
 from turbofan_cli import CommandError
 from turbofan_core.cmapss import UNIT, read_cmapss
 from turbofan_core.home import Home
-from turbofan_core.storage import LocalStore, ObjectStore, blob_store_from_connection_string
+from turbofan_core.storage import (
+    CONNECTION_STRING_ENV,
+    LANDING_CONTAINER_ENV,
+    LocalStore,
+    ObjectStore,
+    blob_store_from_connection_string,
+)
 
-CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
-CONTAINER_ENV = "TURBOFAN_LANDING_CONTAINER"
 _UNIT_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 _SECRET_KEYS = ("AccountKey", "SharedAccessSignature")
 # Flags of --to edge only: (attribute, flag).
@@ -97,7 +101,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--container",
-        help=f"blob container for --to blob (default: env {CONTAINER_ENV}); "
+        help=f"blob container for --to blob (default: env {LANDING_CONTAINER_ENV}); "
         f"the connection string is read from env {CONNECTION_STRING_ENV}",
     )
     parser.add_argument(
@@ -275,9 +279,9 @@ def _open_store(args: argparse.Namespace, connection_string: str) -> ObjectStore
         return LocalStore(args.landing_dir or Home.from_env().landing)
     if args.landing_dir:
         raise CommandError("--landing-dir only applies to --to landing")
-    container = args.container or os.environ.get(CONTAINER_ENV)
+    container = args.container or os.environ.get(LANDING_CONTAINER_ENV)
     if not container:
-        raise CommandError(f"--to blob needs --container NAME or env {CONTAINER_ENV}")
+        raise CommandError(f"--to blob needs --container NAME or env {LANDING_CONTAINER_ENV}")
     if not connection_string:
         raise CommandError(f"--to blob needs the connection string in env {CONNECTION_STRING_ENV}")
     try:

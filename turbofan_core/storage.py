@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from azure.storage.blob import ContainerClient
 
 TMP_DIR = ".incoming"
+# The landing zone in a blob container: its name, and the account's connection string (a secret).
+LANDING_CONTAINER_ENV = "TURBOFAN_LANDING_CONTAINER"
+CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 # What writers that publish by rename (azcopy, hdfs, rsync, our LocalStore) call a file being
 # written; such names are never listed, so a reader only sees files once they are whole.
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", "._COPYING_")
