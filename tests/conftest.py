@@ -90,19 +90,20 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteInfo]:
-    """A real Azurite blob service on a free port, with its data in a temporary folder."""
+def start_azurite(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], AzuriteInfo]:
+    """A real Azurite blob service keeping its data in `workdir`, ready to serve; stop it with `_stop`.
+
+    Started again on the same folder and port, it serves the same blobs (a landing zone that went away
+    and came back)."""
     if not os.access(AZURITE_BLOB, os.X_OK):
         pytest.fail(
             f"{AZURITE_BLOB} is missing: run `make test` (it installs azurite@3.35.0 into .tools/azurite)",
             pytrace=False,
         )
-    workdir = tmp_path_factory.mktemp("azurite")
-    port = _free_port()
+    port = port or _free_port()
     log_path = workdir / "azurite.log"
     # A log file, not a pipe: nobody drains a pipe while tests run, and a full pipe blocks the server.
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [
                 str(AZURITE_BLOB),
@@ -132,6 +133,17 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteInfo]:
     )
     try:
         _wait_until_ready(proc, info, port, log_path)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, info
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteInfo]:
+    """A real Azurite blob service on a free port, with its data in a temporary folder."""
+    proc, info = start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
         yield info
     finally:
         _stop(proc)

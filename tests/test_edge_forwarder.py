@@ -214,3 +214,40 @@ def test_sigkill_while_forwarding_loses_and_doubles_nothing(tmp_path: Path, run:
     assert sorted(in_telemetry) == sorted(telemetry_ids)
     assert sorted(in_quarantine) == sorted(bad_ids)
     assert all(read_capture(landing.read(name)) for name in landing.list_names())
+
+
+def test_azurite_stopped_then_back_buffers_then_drains_exactly_once(
+    tmp_path: Path, store: EdgeStore, clock: FakeClock
+) -> None:
+    """A real Azurite goes away mid-stream: the outbox grows, then drains when it is back."""
+    from azure.storage.blob import BlobServiceClient
+    from conftest import _stop, start_azurite
+
+    workdir = tmp_path / "azurite"
+    workdir.mkdir()
+    proc, info = start_azurite(workdir)
+    port = int(info.account_url.split(":")[2].split("/")[0])
+    try:
+        service = BlobServiceClient.from_connection_string(
+            info.connection_string, retry_total=0, connection_timeout=1
+        )
+        landing = BlobStore.created_if_missing(service.get_container_client("landing"))
+        forwarder = Forwarder(store, landing, max_records=10, max_age_seconds=1.0, clock=clock)
+        sent = record(store, "D1", 1, 10)
+        clock.now += 2
+        assert forwarder.ship_once() == 10
+
+        _stop(proc)  # the landing zone is gone
+        sent += record(store, "D1", 11, 15)
+        clock.now += 2
+        assert forwarder.ship_once() == 0 and forwarder.failures == 1
+        assert forwarder.backlog()[0] == 15
+
+        proc, _ = start_azurite(workdir, port)  # back, with what it held
+        clock.now = forwarder.retry_at
+        while forwarder.ship_once():
+            pass
+        assert forwarder.backlog() == (0, None)
+        assert sorted(landing_ids(landing)) == sorted(sent)
+    finally:
+        _stop(proc)
