@@ -103,6 +103,22 @@ class Shipment:
     last_seq: int
 
 
+_OUTBOX_INSERT = (
+    "INSERT INTO outbox (enqueued_time_utc, properties, system_properties, body, queued_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _outbox_row(record: CaptureRecord, now: float) -> tuple:
+    return (
+        record.enqueued_time_utc,
+        orjson.dumps(record.properties),
+        orjson.dumps(record.system_properties),
+        record.body,
+        now,
+    )
+
+
 class EdgeStore:
     """The outbox and device histories in the SQLite file `path`; safe to share between threads."""
 
@@ -196,17 +212,7 @@ class EdgeStore:
                                 array("d", entry.values).tobytes(),
                             ],
                         )
-                conn.execute(
-                    "INSERT INTO outbox (enqueued_time_utc, properties, system_properties, body, queued_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [
-                        record.enqueued_time_utc,
-                        orjson.dumps(record.properties),
-                        orjson.dumps(record.system_properties),
-                        record.body,
-                        now,
-                    ],
-                )
+                conn.execute(_OUTBOX_INSERT, _outbox_row(record, now))
                 flags.append(True)
         return flags
 
@@ -231,20 +237,7 @@ class EdgeStore:
             "INSERT INTO history VALUES (?, ?, ?, ?)",
             [(e.device_id, e.message_id, e.cycle, array("d", e.values).tobytes()) for _, e in entries],
         )
-        conn.executemany(
-            "INSERT INTO outbox (enqueued_time_utc, properties, system_properties, body, queued_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [
-                (
-                    r.enqueued_time_utc,
-                    orjson.dumps(r.properties),
-                    orjson.dumps(r.system_properties),
-                    r.body,
-                    now,
-                )
-                for r, _ in entries
-            ],
-        )
+        conn.executemany(_OUTBOX_INSERT, [_outbox_row(record, now) for record, _ in entries])
         return True
 
     def seen_many(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -21,9 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
+
+from turbofan_core.cmapss import read_cmapss
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AZURITE_BLOB = REPO_ROOT / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
@@ -59,6 +62,16 @@ def cmapss_dir() -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def fleet(cmapss_dir: Path) -> pd.DataFrame:
+    """Ten FD001 train engines as devices (`Client_001`...), run to failure: quick models to train."""
+    frame = read_cmapss(cmapss_dir / "train_FD001.txt")
+    frame = frame[frame["unit"] <= 10].copy()
+    frame["device_id"] = frame["unit"].map(lambda unit: f"Client_{unit:03d}")
+    frame["lifetime"] = 1
+    return frame
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from turbofan_core.bundle import (
     read_bundle,
     write_bundle,
 )
-from turbofan_core.cmapss import read_cmapss
 from turbofan_core.features import FeatureSpec, StreamingFeatures, compute_features
 from turbofan_core.labels import label_rul
 from turbofan_core.storage import BlobStore, LocalStore
@@ -37,16 +36,6 @@ SPEC = FeatureSpec(
 )
 PARAMS = {"max_depth": 3, "learning_rate": 0.1, "n_estimators": 20}
 CAP = 125
-
-
-@pytest.fixture(scope="module")
-def fleet(cmapss_dir: Path) -> pd.DataFrame:
-    """Ten FD001 engines as devices, run to failure."""
-    frame = read_cmapss(cmapss_dir / "train_FD001.txt")
-    frame = frame[frame["unit"] <= 10].copy()
-    frame["device_id"] = frame["unit"].map(lambda unit: f"Client_{unit:03d}")
-    frame["lifetime"] = 1
-    return frame
 
 
 def make_bundle(fleet: pd.DataFrame, rul_cap: int = CAP, spec: FeatureSpec = SPEC) -> ModelBundle:

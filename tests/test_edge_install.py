@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 from test_bundle import make_bundle
 
 from turbofan_core.bundle import write_bundle
-from turbofan_core.cmapss import read_cmapss
 from turbofan_core.storage import LocalStore
 
 UV = Path(sys.executable).parent / "uv"
@@ -35,7 +35,7 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_the_edge_installs_alone_and_scores_a_bundle(tmp_path: Path, cmapss_dir: Path) -> None:
+def test_the_edge_installs_alone_and_scores_a_bundle(tmp_path: Path, fleet: pd.DataFrame) -> None:
     venv = tmp_path / "edge-venv"
     subprocess.run([str(UV), "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -43,8 +43,6 @@ def test_the_edge_installs_alone_and_scores_a_bundle(tmp_path: Path, cmapss_dir:
         [str(UV), "pip", "install", "-q", "-p", str(python), str(REPO_ROOT)], check=True, timeout=600
     )
 
-    fleet = read_cmapss(cmapss_dir / "train_FD001.txt").query("unit <= 10").copy()
-    fleet["device_id"], fleet["lifetime"] = fleet["unit"].map(lambda unit: f"Client_{unit:03d}"), 1
     bundle = make_bundle(fleet)
     store = LocalStore(tmp_path / "models")
     path = store.root / write_bundle(store, bundle)

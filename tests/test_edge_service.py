@@ -119,16 +119,6 @@ def start_edge(state: Path, landing: Path, model: tuple[str, Path, str] | None =
 
 
 @pytest.fixture(scope="module")
-def fleet(cmapss_dir: Path) -> pd.DataFrame:
-    """Training engines for the bundles; FD001 train units 1-10 as devices."""
-    frame = read_cmapss(cmapss_dir / "train_FD001.txt")
-    frame = frame[frame["unit"] <= 10].copy()
-    frame["device_id"] = frame["unit"].map(lambda unit: f"Client_{unit:03d}")
-    frame["lifetime"] = 1
-    return frame
-
-
-@pytest.fixture(scope="module")
 def test_units(cmapss_dir: Path) -> pd.DataFrame:
     """FD001 test units 1-10, the devices the edge sees."""
     frame = read_cmapss(cmapss_dir / "test_FD001.txt")
