@@ -209,6 +209,18 @@ def test_of_two_bodies_under_one_id_the_earlier_is_kept_whatever_arrives_first(t
     assert results[0][1] == [(late.body, "message id 'm1' from Client_001 has another body enqueued earlier")]
 
 
+def test_of_two_copies_without_id_the_earlier_is_kept_whatever_arrives_first(tmp_path: Path) -> None:
+    early, late = telemetry("Client_001", 1, 0), telemetry("Client_001", 1, 30)
+    tables = []
+    for trial, order in enumerate(([("a", early), ("b", late)], [("a", late), ("b", early)])):
+        warehouse = Warehouse(tmp_path / str(trial))
+        for name, record in order:
+            warehouse.land(f"hub/00/{name}", [record])
+            warehouse.ingest()
+        tables.append(warehouse.rows("SELECT enqueued_time_utc, CycleTime FROM telemetry"))
+    assert tables[0] == tables[1] and len(tables[0]) == 1
+
+
 def test_telemetry_without_id_repeats_only_inside_one_lifetime(warehouse: Warehouse) -> None:
     """A new engine may report the very cycle and readings of the old one: not a duplicate."""
     first_engine = [telemetry("Client_001", c, c) for c in (1, 2)] + [failure("Client_001", 2, 3)]

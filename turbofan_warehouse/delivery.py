@@ -138,16 +138,24 @@ def _judge(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, int, str, str]]:
 
 def _judge_repeats_without_id(conn: duckdb.DuckDBPyConnection) -> None:
     """Telemetry without a message id repeats another only inside one lifetime (a new engine may well
-    report the same cycle and readings), so it is judged once lifetimes are numbered."""
+    report the same cycle and readings), so it is judged once lifetimes are numbered. As in step 2,
+    the copy enqueued first is kept: a stored later copy makes way for an earlier new one."""
     conn.execute(
-        f"INSERT INTO verdicts SELECT idx, '{DUPLICATE}' FROM ("
-        "  SELECT n.idx, n.message_key, n.lifetime, row_number() OVER ("
-        "   PARTITION BY n.message_key, n.lifetime ORDER BY n.t, n.CycleTime, n.message_key, n.idx) AS copy"
-        "  FROM numbered n JOIN incoming i USING (idx)"
-        "  WHERE n.source = 'new' AND i.message_id IS NULL AND NOT n.is_failure"
-        ") r WHERE copy > 1 OR EXISTS ("
-        "  SELECT 1 FROM telemetry s WHERE s.message_key = r.message_key AND s.lifetime = r.lifetime)"
+        "CREATE TEMP TABLE without_id AS SELECT n.idx, n.message_key, n.lifetime, n.t, n.CycleTime, "
+        "row_number() OVER (PARTITION BY n.message_key, n.lifetime ORDER BY n.t, n.CycleTime, n.idx) AS copy "
+        "FROM numbered n JOIN incoming i USING (idx) "
+        "WHERE n.source = 'new' AND i.message_id IS NULL AND NOT n.is_failure"
     )
+    same = "s.message_key = r.message_key AND s.lifetime = r.lifetime"
+    conn.execute(
+        "DELETE FROM telemetry s WHERE EXISTS (SELECT 1 FROM without_id r WHERE r.copy = 1 AND "
+        f"{same} AND (s.enqueued_time_utc, s.CycleTime) > (r.t, r.CycleTime))"
+    )
+    conn.execute(
+        f"INSERT INTO verdicts SELECT idx, '{DUPLICATE}' FROM without_id r WHERE copy > 1 "
+        f"OR EXISTS (SELECT 1 FROM telemetry s WHERE {same})"
+    )
+    conn.execute("DROP TABLE without_id")
 
 
 def _number_lifetimes(conn: duckdb.DuckDBPyConnection) -> int:
