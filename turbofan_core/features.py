@@ -365,21 +365,22 @@ class StreamingFeatures:
         if spec.include_cycle:
             features[:, 0] = cycles
         features[:, self._raw_columns] = x
-        if spec.windows:
-            # All devices and windows in one call: each window sees the whole history with only its
-            # last min(count, w) slots valid; the extra slots add zeros to the batch engine's sums.
-            windows = len(spec.windows)
-            history = np.stack([state.history for state in states], axis=1)  # (max_window, devices, sensors)
-            shape = (spec.max_window, len(states), windows, len(spec.sensors))
-            stacked = np.broadcast_to(history[:, :, None, :], shape).reshape(
-                spec.max_window, -1, len(spec.sensors)
+        if spec.windows and len(states) == 1:
+            # One device: all windows in one call, each seeing the whole history with only its last
+            # min(count, w) slots valid (the extra slots add zeros to the sums); fewest numpy calls.
+            history = np.broadcast_to(
+                states[0].history[:, None, :], (spec.max_window, *self._stats_columns.shape[1:])
             )
-            count = np.minimum(np.array([state.count for state in states])[:, None], self._windows).ravel()
-            statistics = _window_statistics(
-                stacked, count, spec.statistics
-            )  # (stats, devices * windows, sensors)
-            statistics = statistics.reshape(len(spec.statistics), len(states), windows, len(spec.sensors))
-            features[:, self._stats_columns] = statistics.transpose(1, 0, 2, 3)
+            count = np.minimum(states[0].count, self._windows)
+            features[0, self._stats_columns] = _window_statistics(history, count, spec.statistics)
+        elif spec.windows:
+            # Many devices: one window at a time over its own last w slots (zeros before the first
+            # message), as the batch engine slides it; no copy of the history per window.
+            history = np.stack([state.history for state in states], axis=1)  # (max_window, devices, sensors)
+            counts = np.array([state.count for state in states])
+            for j, w in enumerate(spec.windows):
+                statistics = _window_statistics(history[-w:], np.minimum(counts, w), spec.statistics)
+                features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
         if spec.ewm_alphas:
             features[:, self._ewm_columns] = np.stack([state.smoothed for state in states])
         return features
