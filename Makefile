@@ -32,8 +32,8 @@ help:
 	@echo "make azurite   install the Azurite blob emulator $(AZURITE_VERSION) into $(AZURITE_DIR)"
 	@echo "make chromium  install Debian's chromium (for the browser tests of the UI) when it is missing"
 	@echo "make demo      import C-MAPSS FD001, replay it, materialise assets, print a summary"
-	@echo "make test      ruff check + pytest (no tests collected counts as a failure)"
-	@echo "make lint      ruff check"
+	@echo "make test      ruff check and format check + pytest (no tests collected counts as a failure)"
+	@echo "make lint      ruff check and format check"
 	@echo "make bench     run the benchmarks in bench/"
 	@echo "make ui        the Dagster UI on $(TURBOFAN_HOME) (turbofan ui)"
 	@echo "make clean     remove $(VENV), .tools, .turbofan and caches"
@@ -72,10 +72,12 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The pytest run goes through .ci/pytest-guard, which turns exit 5 (no tests collected) into 1.
 test: install azurite chromium
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	.ci/pytest-guard $(PYTEST_ARGS)
 
 bench: install
