@@ -190,7 +190,7 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
         )
         for device, properties, content_type, encoding in itertools.product(
             ["Client_001", None],
-            [{}, {"type": FAILURE}, {"type": "telemetry"}],
+            [{}, {"type": FAILURE}, {"type": "telemetry"}, {"rul_p50": "42.0"}, {"type": "reboot", "x": "1"}],
             [None, "application/json", "text/plain", "application/json; charset=utf-8"],
             [None, "utf-8", "UTF-8", "utf-16"],
         )

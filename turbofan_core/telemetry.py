@@ -163,8 +163,8 @@ def check_messages(
 ) -> CheckedMessages:
     """Validate a batch of messages, with parse_message's verdicts and reasons.
 
-    Ingestion validates every message, so the usual telemetry message (a device id, no
-    properties, the usual content type, a JSON body holding every field) is checked a
+    Ingestion validates every message, so the usual telemetry message (a device id, no `type`
+    property but telemetry's, the usual content type, a JSON body holding every field) is checked a
     column at a time: types over the whole batch, NaN, infinity and cycle ranges in numpy.
     Anything else goes through parse_message, which names the reason.
     """
@@ -176,7 +176,7 @@ def check_messages(
     for index, (body, device_id, props, content_type, encoding) in enumerate(messages):
         if (
             device_id
-            and not props
+            and (not props or props.get(TYPE_PROPERTY, TELEMETRY) == TELEMETRY)  # other properties: info
             and body
             and content_type in _USUAL_CONTENT_TYPES
             and encoding in _USUAL_ENCODINGS
