@@ -95,6 +95,9 @@ class _Metrics:
         self.backlog_age = Gauge(
             "edge_forward_backlog_oldest_seconds", "Age of the oldest message waiting", registry=self.registry
         )
+        self.devices = Gauge(
+            "edge_devices", "Devices with telemetry in their current engine lifetime", registry=self.registry
+        )
         self.dropped = Gauge(
             "edge_forward_dropped",
             "Messages dropped after waiting longer than the TTL",
@@ -308,6 +311,7 @@ class Edge:
             raise
 
     def refresh_metrics(self) -> None:
+        self.metrics.devices.set(len(self.store.devices()))
         count, oldest = self.store.backlog()
         self.metrics.backlog.set(count)
         self.metrics.backlog_age.set(0 if oldest is None else time.time() - oldest)

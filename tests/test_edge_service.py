@@ -353,6 +353,7 @@ def test_model_and_metrics_describe_the_service(edge: Edge, bundles) -> None:
     assert f'edge_model_info{{sha256="{bundle.sha256}",version="1"}} 1.0' in text
     assert 'edge_messages_total{result="refused"} 1.0' in text
     assert "edge_forward_backlog" in text and "edge_telemetry_seconds_bucket" in text
+    assert "edge_devices 0.0" in text  # the refused message started no lifetime
 
 
 def test_a_gateway_batch_of_many_devices_scores_like_the_batch_model(
