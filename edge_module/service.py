@@ -57,15 +57,15 @@ from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check_messages, parse_message
 
 MAX_BODY_BYTES = 1 << 20  # a batch of a few thousand messages; larger is refused, not read
-DESIRED_MODEL = "desired_model.json"
+DESIRED_MODEL = "desired_model.json"  # the last model reference set, so a restart serves it again
 PURGE_SECONDS = 3600.0
-MAX_VERIFIED_TOKENS = 100_000  # the last model reference set, so a restart serves it again
+MAX_VERIFIED_TOKENS = 100_000  # remembered verified SAS tokens; forgotten all at once past this
 
 
 @dataclass(frozen=True)
 class EdgeConfig:
     state_dir: Path
-    landing: ObjectStore | None = None  # where the outbox is shipped; None: kept until one is set
+    landing: ObjectStore | None = None  # where the outbox is shipped; None: nothing is forwarded
     model: ModelReference | None = None  # served at start unless the state folder names a newer one
     forward_max_age_seconds: float = 5.0
     ttl_seconds: float = 7200.0
