@@ -38,6 +38,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.concurrency import run_in_threadpool
 
 from edge_module.auth import (
     REGISTRY_FILENAME,
@@ -239,7 +240,7 @@ class Edge:
         with self._lock:
             model = self.slot.current
             checked = self._check(messages)
-            telemetry = [c.entry for c in checked if c.entry is not None and not c.entry.failure]
+            telemetry = [c.entry for c in checked if c.scorable]
             failures = any(c.entry is not None and c.entry.failure for c in checked)
             if model is None or self._features is None:
                 self._record(checked)
@@ -378,7 +379,7 @@ def create_app(config: EdgeConfig) -> FastAPI:
     async def purge_hourly() -> None:
         """Forget message ids older than the dedupe window, so the store stays bounded."""
         while True:
-            await _in_thread(edge.store.purge)
+            await run_in_threadpool(edge.store.purge)
             await asyncio.sleep(PURGE_SECONDS)
 
     @asynccontextmanager
@@ -509,10 +510,3 @@ def create_app(config: EdgeConfig) -> FastAPI:
         return Response(generate_latest(edge.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def _in_thread(function, *args):
-    """Run blocking work (features, XGBoost, the fsync'd commit) off the event loop."""
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(function, *args)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -228,10 +228,7 @@ def _quarantine(conn: duckdb.DuckDBPyConnection, rows: list[tuple], now: datetim
         ") RETURNING source_file"
     ).fetchall()
     conn.unregister("new_quarantine")
-    counts: dict[str, int] = {}
-    for (name,) in added:
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    return Counter(name for (name,) in added)
 
 
 def _unreadable(

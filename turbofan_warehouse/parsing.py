@@ -36,14 +36,6 @@ class ParsedFile:
     positions: np.ndarray  # int64, the record's position in the file
     quarantine: list[tuple]
 
-    @property
-    def failure_events(self) -> int:
-        return int(self.failure.sum())
-
-    @property
-    def telemetry(self) -> int:
-        return len(self.devices) - self.failure_events
-
 
 def parse_file(name: str, data: bytes) -> ParsedFile | CorruptCaptureFile:
     """Validate every record of a whole file; an unreadable file comes back as its error."""
