@@ -373,6 +373,19 @@ def _header_properties(headers: dict[str, str]) -> dict[str, str]:
     return {name[len(prefix) :]: value for name, value in headers.items() if name.startswith(prefix)}
 
 
+_AUTHORIZATION_HEADER = {
+    "parameters": [
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "The device's SAS token; a gateway's batch may carry one per item instead",
+        }
+    ]
+}
+
+
 def create_app(config: EdgeConfig) -> FastAPI:
     edge = Edge(config)
 
@@ -407,11 +420,15 @@ def create_app(config: EdgeConfig) -> FastAPI:
         except AuthError as error:
             raise HTTPException(401, error.reason) from None
 
-    @app.post("/telemetry")
-    async def telemetry(request: Request, authorization: str | None = Header(None)) -> Response:
+    # The Authorization header is read from the request rather than declared as a parameter:
+    # FastAPI's parameter resolution was a tenth of the cost of a single message. It is still
+    # documented in the OpenAPI schema.
+    @app.post("/telemetry", openapi_extra=_AUTHORIZATION_HEADER)
+    async def telemetry(request: Request) -> Response:
         """One message (IoT Hub REST style) or a batch, from the device the SAS token names (or, in a
         gateway's batch, the devices each item's token names)."""
         started = time.perf_counter()
+        authorization = request.headers.get("authorization")
         content_type, _, parameters = request.headers.get("content-type", "application/json").partition(";")
         if content_type.strip().lower() != "application/json":
             raise HTTPException(415, f"content type {content_type.strip()!r} is not 'application/json'")

@@ -33,6 +33,7 @@ import xgboost as xgb
 
 from turbofan_core.features import FeatureSpec, compute_features
 from turbofan_core.storage import NameTaken, ObjectStore
+from turbofan_core.trees import TreeArrays, compile_trees
 
 if TYPE_CHECKING:  # only `predict` (batch scoring) takes frames; the edge scores arrays
     import pandas as pd
@@ -46,6 +47,9 @@ POINT = "point.ubj"
 QUANTILES = "quantiles.ubj"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: fixed so equal content gives equal bytes
 PREDICTION = "rul_pred"
+# Up to this many rows, the trees are walked with numpy (`turbofan_core.trees`), which spares
+# XGBoost's fixed cost per call; beyond, XGBoost's own loop is faster (docs/benchmarks.md).
+SMALL_BATCH = 16
 
 
 class BundleError(ValueError):
@@ -145,11 +149,19 @@ class ModelBundle:
             raise ValueError(
                 f"expected {len(self.spec.feature_names)} features per row, got {matrix.shape[1]}"
             )
-        # inplace_predict: no DMatrix to build, which is most of the cost of scoring one row.
-        point = self.point.inplace_predict(matrix).reshape(-1, 1)
-        raw = self.quantile_model.inplace_predict(matrix).reshape(len(matrix), -1)
+        if len(matrix) <= SMALL_BATCH and self._trees is not None and np.isfinite(matrix).all():
+            outputs = self._trees.predict(matrix)  # equal to XGBoost's, bit for bit
+            point, raw = outputs[:, :1], outputs[:, 1:]
+        else:  # inplace_predict: no DMatrix to build
+            point = self.point.inplace_predict(matrix).reshape(-1, 1)
+            raw = self.quantile_model.inplace_predict(matrix).reshape(len(matrix), -1)
         bounds = np.sort(raw + np.asarray(self.quantile_offsets), axis=1)
         return np.clip(np.hstack([point, bounds]), 0.0, self.rul_cap)
+
+    @cached_property
+    def _trees(self) -> TreeArrays | None:
+        """Both models' trees as arrays, for small batches; None if XGBoost must score them."""
+        return compile_trees([self.point, self.quantile_model])
 
     def predict(self, frame: pd.DataFrame, keys: Sequence[str] = ("device_id", "lifetime")) -> pd.DataFrame:
         """Predictions for every row of raw telemetry, with features computed by the bundle's own spec.
