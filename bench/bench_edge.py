@@ -262,7 +262,7 @@ def main() -> None:
                 except OSError:
                     time.sleep(0.2)
             names = list(devices.rows)
-            (closed_loop(port, [devices.singles(len(names), names)], 60.0))  # every device's state loaded
+            closed_loop(port, [devices.singles(len(names), names)], 60.0)  # every device's state loaded
             requests = devices.singles(int(args.rate * args.seconds), names)
             began = time.perf_counter()
             latencies = np.array(steady(port, requests, args.rate)) * 1e3
@@ -275,7 +275,7 @@ def main() -> None:
             )
             max_rate = max(
                 # A device's messages on one connection, so they arrive in order.
-                (closed_loop(port, [devices.singles(20_000, names[i::c]) for i in range(c)], 10.0))
+                closed_loop(port, [devices.singles(20_000, names[i::c]) for i in range(c)], 10.0)
                 for c in (1, 2, 4)
             )
             print(f"highest sustained single-message rate: {max_rate:,.0f} msgs/s")

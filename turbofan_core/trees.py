@@ -39,11 +39,10 @@ class TreeArrays:
         base_scores: np.ndarray,
     ) -> None:
         self.depth = int(np.log2(leaves.shape[1]))
-        self._inner = features.shape[1]
         self._features = features.ravel()  # (trees * inner): feature index of each padded split
         self._thresholds = thresholds.ravel()  # float32; +inf where padding always goes left
         self._leaves = leaves.ravel()  # (trees * 2**depth): float32 leaf values
-        self._tree_inner = np.arange(len(features)) * self._inner
+        self._tree_inner = np.arange(len(features)) * features.shape[1]  # where each tree's splits start
         self._tree_leaves = np.arange(len(features)) * leaves.shape[1]
         self._outputs = outputs  # per output, its trees in order
         self._base_scores = base_scores.astype(np.float32)
