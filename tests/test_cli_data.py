@@ -177,23 +177,6 @@ def test_simulate_end_to_end_prints_the_summary(
     }
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--units", "0-3"], "is not a unit list"),
-        (["--units", "1,x"], "is not a unit list"),
-        (["--units", "99-101"], "units not in the file: 101"),
-        (["--rate", "-1"], "is not a positive number"),
-    ],
-)
-def test_simulate_refuses_bad_arguments_in_one_line(
-    argv: list[str], message: str, cmapss_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["simulate", "--file", str(cmapss_dir / "train_FD001.txt"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-
-
 def test_help_is_fast_because_nothing_heavy_is_imported() -> None:
     check = (
         "import sys; from turbofan_cli.main import main; main(['--help']); assert 'pandas' not in sys.modules"

@@ -39,6 +39,17 @@ def ticking_clock(step: timedelta) -> Callable[[], datetime]:
     return lambda: START + next(ticks) * step
 
 
+def ctrl_c_after(n: int, sent: list[CaptureRecord]) -> Callable[[CaptureRecord], None]:
+    """An `on_message` that collects what is sent into `sent` and presses Ctrl-C at the `n`th."""
+
+    def on_message(record: CaptureRecord) -> None:
+        sent.append(record)
+        if len(sent) == n:
+            raise KeyboardInterrupt
+
+    return on_message
+
+
 def read_partitions(store: ObjectStore) -> dict[str, list[CaptureRecord]]:
     """Every record in the store, per partition, in file-name order (which is write order)."""
     partitions: dict[str, list[CaptureRecord]] = {}
@@ -166,13 +177,13 @@ def test_interrupt_leaves_whole_files_with_exactly_the_messages_sent(
     store = LocalStore(tmp_path)
     sent: list[CaptureRecord] = []
 
-    def stop_after_5000(record: CaptureRecord) -> None:
-        sent.append(record)
-        if len(sent) == 5_000:
-            raise KeyboardInterrupt
-
     with pytest.raises(ReplayInterrupted) as stopped, CaptureWriter(store) as writer:
-        replay(train, writer, clock=ticking_clock(timedelta(milliseconds=20)), on_message=stop_after_5000)
+        replay(
+            train,
+            writer,
+            clock=ticking_clock(timedelta(milliseconds=20)),
+            on_message=ctrl_c_after(5_000, sent),
+        )
 
     assert stopped.value.stats.messages + stopped.value.stats.failure_events == 5_000
     assert stopped.value.stats.files == len(list(store.list_names()))
@@ -395,12 +406,6 @@ def test_late_files_are_published_after_later_ones_under_their_own_name(
 def test_interrupt_publishes_held_files_and_sent_copies(train: pd.DataFrame, tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     sent: list[CaptureRecord] = []
-
-    def stop_after_900(record: CaptureRecord) -> None:
-        sent.append(record)
-        if len(sent) == 900:
-            raise KeyboardInterrupt
-
     with (
         pytest.raises(ReplayInterrupted) as stopped,
         CaptureWriter(store, max_records=50, late=0.5) as writer,
@@ -410,7 +415,7 @@ def test_interrupt_publishes_held_files_and_sent_copies(train: pd.DataFrame, tmp
             writer,
             units=SIX,
             clock=ticking_clock(timedelta(milliseconds=100)),
-            on_message=stop_after_900,
+            on_message=ctrl_c_after(900, sent),
             duplicates=0.2,
         )
 
@@ -489,6 +494,10 @@ def test_simulate_with_engine_changes_duplicates_and_late_files(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--units", "0-3"], "is not a unit list"),
+        (["--units", "1,x"], "is not a unit list"),
+        (["--units", "99-101"], "units not in the file: 101"),
+        (["--rate", "-1"], "is not a positive number"),
         (["--engines-per-device", "0"], "'0' is not a whole number of at least 1"),
         (["--engines-per-device", "1.5"], "'1.5' is not a whole number of at least 1"),
         (["--duplicates", "1"], "'1' is not a fraction in [0, 1)"),
@@ -498,7 +507,7 @@ def test_simulate_with_engine_changes_duplicates_and_late_files(
         (["--seed", "x"], "invalid int value: 'x'"),
     ],
 )
-def test_simulate_refuses_bad_delivery_flags_in_one_line(
+def test_simulate_refuses_bad_arguments_in_one_line_and_writes_nothing(
     argv: list[str], message: str, cmapss_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["simulate", "--file", str(cmapss_dir / "train_FD001.txt"), "--landing-dir", str(tmp_path), *argv]
