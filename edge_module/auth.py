@@ -253,6 +253,11 @@ def _parse_token(token: str) -> tuple[str, str, bytes, int]:
     return fields["sr"], segments[1], signature, int(fields["se"])
 
 
+def token_expiry(token: str) -> int:
+    """The expiry (`se`, epoch seconds) of a well-formed device token; AuthError otherwise."""
+    return _parse_token(token)[3]
+
+
 def verify_sas_token(
     token: str, registry: DeviceRegistry, now: float | None = None, expected_device: str | None = None
 ) -> str:

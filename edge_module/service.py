@@ -19,13 +19,12 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
@@ -47,6 +46,7 @@ from edge_module.auth import (
     admin_key,
     check_admin,
     device_from_authorization,
+    token_expiry,
 )
 from edge_module.forwarder import Forwarder
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
@@ -196,7 +196,7 @@ class Edge:
             device = device_from_authorization(authorization, self.devices, now=now)
         if len(self._verified) > MAX_VERIFIED_TOKENS:
             self._verified.clear()
-        self._verified[authorization] = (device, _expiry(authorization))
+        self._verified[authorization] = (device, token_expiry(authorization.strip()))
         return device
 
     def _desired(self) -> ModelReference | None:
@@ -325,18 +325,13 @@ def _derived_id(device_id: str, body: bytes) -> str:
     return "edge-" + hashlib.sha256(device_id.encode() + b"\0" + body).hexdigest()[:32]
 
 
-def _expiry(token: str) -> float:
-    """The `se` of a token that verified (so it has one)."""
-    return float(parse_qs(token.removeprefix("SharedAccessSignature "))["se"][0])
-
-
 def _rule(reason: str) -> str:
     """A refusal reason without its values, so the metric has one series per rule, not per message."""
     return re.sub(r"'[^']*'|-?\d[\d.e+-]*|\b(?:str|int|float|bool|NoneType|list|dict)\b.*", "_", reason)[:80]
 
 
 def _messages(
-    body: bytes, headers: dict[str, str]
+    body: bytes, headers: Mapping[str, str]
 ) -> list[tuple[str | None, bytes, dict[str, str], str | None]]:
     """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id).
 
@@ -367,7 +362,7 @@ def _messages(
     return items
 
 
-def _header_properties(headers: dict[str, str]) -> dict[str, str]:
+def _header_properties(headers: Mapping[str, str]) -> dict[str, str]:
     """IoT Hub's REST API carries application properties as `iothub-app-NAME` headers."""
     prefix = "iothub-app-"
     return {name[len(prefix) :]: value for name, value in headers.items() if name.startswith(prefix)}
@@ -438,7 +433,7 @@ def create_app(config: EdgeConfig) -> FastAPI:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise HTTPException(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
-        items = _messages(body, {k.lower(): v for k, v in request.headers.items()})
+        items = _messages(body, request.headers)  # ASGI header names are lower case
         requester = (
             None if authorization is None and all(item[0] for item in items) else _device(authorization)
         )

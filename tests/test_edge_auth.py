@@ -30,6 +30,7 @@ from edge_module.auth import (
     connection_string,
     device_from_authorization,
     make_sas_token,
+    token_expiry,
     verify_sas_token,
 )
 
@@ -144,6 +145,9 @@ def test_expiry_is_inclusive_until_se(registry: DeviceRegistry) -> None:
     assert verify_sas_token(token, registry, now=1010) == "Client_001"
     with pytest.raises(AuthError, match="expired"):
         verify_sas_token(token, registry, now=1010.5)
+    assert token_expiry(token) == 1010  # what the edge's token cache keeps it for
+    with pytest.raises(AuthError, match="malformed"):
+        token_expiry("SharedAccessSignature sr=x&sig=y")
 
 
 # --- refusals --------------------------------------------------------------------------------------
