@@ -321,7 +321,14 @@ class EdgeStore:
             conn.execute("DELETE FROM shipment")
 
     def expire(self, older_than: float) -> int:
-        """Drop unshipped records queued before `older_than`; return how many (the TTL drops)."""
+        """Drop unshipped records queued before `older_than`; return how many (the TTL drops).
+
+        Called on every poll of the forwarder: the write transaction, which would compete with
+        `record` for the lock, is only opened when the oldest record (an index lookup) is too old.
+        """
+        [(oldest,)] = self._query("SELECT min(queued_at) FROM outbox")
+        if oldest is None or oldest >= older_than:
+            return 0
         with self._transaction() as conn:
             return conn.execute("DELETE FROM outbox WHERE queued_at < ?", [older_than]).rowcount
 
