@@ -24,6 +24,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from edge_module.auth import make_sas_token
+from edge_module.forwarder import describe
 from turbofan_core.capture import CaptureRecord
 
 DEFAULT_HUB_HOSTNAME = "turbofan-hub.azure-devices.net"
@@ -175,7 +176,7 @@ class EdgeClient:
             try:
                 status, data = self._post(body, {**headers, "Authorization": self._token(device_id)})
             except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-                failure = _describe(error)
+                failure = describe(error)
             else:
                 answer = _json(data)
                 if status == 200 or status in _REFUSED:
@@ -225,8 +226,3 @@ def _json(data: bytes) -> dict:
     except ValueError:
         return {"detail": data[:200].decode("utf-8", "replace")}
     return answer if isinstance(answer, dict) else {"detail": answer}
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
