@@ -115,6 +115,13 @@ def device_ids(units: Sequence[int], engines_per_device: int = 1) -> list[str]:
     return [device_id_of(number) for number in range(1, -(-len(units) // engines_per_device) + 1)]
 
 
+def planned_messages(rows: int, engines: int, failure_events: bool, duplicates: float) -> tuple[int, int]:
+    """(originals, copies) a replay sends: a message per row (and a failure event per engine if
+    asked), then `duplicates` of them again."""
+    originals = rows + (engines if failure_events else 0)
+    return originals, round(duplicates * originals)
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -212,8 +219,8 @@ def replay(
     selected = select_units(frame, units)
     engines = _engines(selected)
     devices = _devices(engines, engines_per_device)
-    total = len(selected) + (len(engines) if failure_events else 0)
-    resent = set(random.Random(seed).sample(range(total), round(duplicates * total)))
+    total, copies_planned = planned_messages(len(selected), len(engines), failure_events, duplicates)
+    resent = set(random.Random(seed).sample(range(total), copies_planned))
     pending: dict[str, deque[tuple[int, _Message]]] = {}  # per device: (file of the original, message)
     files_before, late_before = writer.files, writer.late_files
     messages = failures = copies = 0

@@ -28,6 +28,7 @@ from simulator.replay import (
     Transport,
     UnknownUnits,
     device_ids,
+    planned_messages,
     replay,
     select_units,
 )
@@ -311,9 +312,8 @@ def _replay_with_progress(
 ) -> tuple[ReplayStats, bool]:
     """Replay with a progress bar on stderr; return the stats and whether Ctrl-C stopped it."""
     units = selected[UNIT].nunique()
-    devices = -(-units // args.engines_per_device)
-    total = len(selected) + (units if failure_events else 0)
-    total += round(args.duplicates * total)  # replay resends exactly this many
+    devices = len(device_ids(selected[UNIT].unique().tolist(), args.engines_per_device))
+    total = sum(planned_messages(len(selected), units, failure_events, args.duplicates))
     engines = f" ({units} engines)" if args.engines_per_device > 1 else ""
     started = f"replaying {devices} devices{engines}, {total} messages, from {args.file} to {where}"
     print(started, file=sys.stderr)
