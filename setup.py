@@ -39,8 +39,11 @@ setup(
         ]
     ),
     include_package_data=True,
-    # The column decoder of IoT Hub capture blocks (see the file's header for why it is C).
-    ext_modules=[Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"])],
+    # The column decoder of IoT Hub capture blocks and the tree walk (each file's header says why C).
+    ext_modules=[
+        Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"]),
+        Extension("turbofan_core._trees", ["turbofan_core/_trees.c"]),
+    ],
     install_requires=read_requirements(HERE / "requirements-edge.in"),
     extras_require={"pipeline": read_requirements(HERE / "requirements.in")},
     entry_points={"console_scripts": ["turbofan=turbofan_cli.main:main"]},

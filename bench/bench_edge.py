@@ -8,7 +8,7 @@ pipeline's grid), starts `turbofan edge serve` with 200 registered devices, and 
 - batch throughput: POST /telemetry batches of 500 messages from 100 devices (a gateway's batch:
   each item carries its device's SAS token), from two connections with 100 devices each;
 - the floor, in the same run: XGBoost's own one-row prediction of both models (and, beside it,
-  `ModelBundle.predict_matrix` on one row, which walks the trees with numpy: turbofan_core/trees.py).
+  `ModelBundle.predict_matrix` on one row, which walks the trees in C: turbofan_core/trees.py).
 
 Devices replay FD001 test units with ever-increasing cycles; a device's messages always travel on
 one connection, so they arrive in order. Requests are encoded before the clock starts and sent on
@@ -37,6 +37,7 @@ from itertools import count
 from pathlib import Path
 
 import numpy as np
+import xgboost as xgb
 
 from edge_module.auth import DeviceRegistry, make_sas_token
 from turbofan_core import training
@@ -85,9 +86,11 @@ def one_row_ms(score: Callable[[np.ndarray], object], rows: np.ndarray, repeats:
 
 def xgboost_one_row(bundle: ModelBundle) -> Callable[[np.ndarray], object]:
     """The floor: XGBoost's own prediction of the point and the quantile model, one thread."""
-    for booster in (bundle.point, bundle.quantile_model):
-        booster.set_param({"nthread": 1})
-    return lambda row: (bundle.point.inplace_predict(row), bundle.quantile_model.inplace_predict(row))
+    point, quantiles = (
+        xgb.Booster({"nthread": 1}, model_file=bytearray(model))
+        for model in (bundle.point, bundle.quantile_model)
+    )
+    return lambda row: (point.inplace_predict(row), quantiles.inplace_predict(row))
 
 
 class Devices:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from edge_module.store import EdgeStore, Shipment
-from turbofan_core.capture import encode_avro
+from turbofan_core.capture import avro_file
 from turbofan_core.storage import NameTaken, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Forwarder:
                     self.store.mark_shipped(shipment.last_seq)
                     return 0
             try:
-                self.landing.create(shipment.name, encode_avro(record for _, record, _ in rows))
+                self.landing.create(shipment.name, avro_file(record for _, record, _ in rows))
             except NameTaken:
                 pass  # sent before a crash or a lost answer: the file is there already
             except Exception as error:  # the landing zone's (OSError, AzureError, ...): retry later

@@ -67,8 +67,6 @@ def load(reference: ModelReference) -> LoadedModel:
         raise ModelRefused(f"bundle refused: {error}") from None
     except Exception as error:  # bytes that hash right but are no bundle: not a zip, members missing
         raise ModelRefused(f"bundle refused: unreadable: {type(error).__name__}: {error}") from None
-    for booster in (bundle.point, bundle.quantile_model):
-        booster.set_param({"nthread": 1})  # one row at a time: threads only spin (OMP_WAIT_POLICY)
     unknown = sorted(set(bundle.spec.sensors) - set(MEASUREMENTS))
     if unknown:
         raise ModelRefused(f"bundle needs inputs devices do not send: {unknown}")

@@ -21,6 +21,7 @@ lifetime always, older ones for `dedupe_window_seconds`.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -31,21 +32,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
-from turbofan_core.capture import CaptureRecord
+from turbofan_core.capture import CaptureRecord, encode_record
 from turbofan_core.telemetry import MEASUREMENTS
 
 DEFAULT_DEDUPE_WINDOW_SECONDS = 7 * 24 * 3600.0
+CHECKPOINT_SECONDS = 0.5
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    enqueued_time_utc TEXT NOT NULL,
-    properties BLOB NOT NULL,         -- JSON object
-    system_properties BLOB NOT NULL,  -- JSON object
-    body BLOB,
+    record BLOB NOT NULL,  -- the capture record in Avro's binary encoding (capture.encode_record)
     queued_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_queued_at ON outbox (queued_at);
@@ -103,20 +101,8 @@ class Shipment:
     last_seq: int
 
 
-_OUTBOX_INSERT = (
-    "INSERT INTO outbox (enqueued_time_utc, properties, system_properties, body, queued_at) "
-    "VALUES (?, ?, ?, ?, ?)"
-)
-
-
-def _outbox_row(record: CaptureRecord, now: float) -> tuple:
-    return (
-        record.enqueued_time_utc,
-        orjson.dumps(record.properties),
-        orjson.dumps(record.system_properties),
-        record.body,
-        now,
-    )
+_OUTBOX_INSERT = "INSERT INTO outbox (record, queued_at) VALUES (?, ?)"
+DELETE_CHUNK = 500  # outbox rows deleted per transaction once shipped: commits wait a few ms at most
 
 
 class EdgeStore:
@@ -138,12 +124,20 @@ class EdgeStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=10000")  # another process (a CLI) may be reading
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         with self._transaction() as conn:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
             [(self.store_id,)] = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchall()
+        # Reads for the forwarder and metrics on their own connection: in WAL mode they neither wait
+        # for the writer nor hold it up.
+        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._read_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_continually, daemon=True)
+        self._checkpointer.start()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -159,12 +153,43 @@ class EdgeStore:
                 raise
 
     def _query(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
+        """A read on the writer's connection: it sees what this process just committed."""
         with self._lock:
             return self._conn.execute(sql, parameters).fetchall()
 
+    def _read(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
+        """A read beside the writer (committed data only), for other threads."""
+        with self._read_lock:
+            return self._reader.execute(sql, parameters).fetchall()
+
     def close(self) -> None:
+        self._closing.set()
+        self._checkpointer.join()
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._conn.close()
+
+    def _checkpoint_continually(self) -> None:
+        """Copy the WAL into the database file on this thread, every CHECKPOINT_SECONDS.
+
+        SQLite's own (automatic) checkpoint runs inside a commit, every 1,000 pages: it made one
+        commit in a hundred wait 5 to 200 ms while it wrote and fsync'd the database file. Here
+        the bulk of the copy runs beside the commits (a PASSIVE checkpoint never blocks them);
+        only the frames committed meanwhile are copied with commits held, so the WAL is then
+        fully copied and the next commit starts it again from the beginning instead of growing it.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            while not self._closing.wait(CHECKPOINT_SECONDS):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    with self._lock:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as error:  # a full disk: commits fail and say so; retried next time
+                    log.warning("checkpoint of %s failed: %s", self.path, error)
+        finally:
+            conn.close()
 
     def __enter__(self) -> EdgeStore:
         return self
@@ -212,7 +237,7 @@ class EdgeStore:
                                 array("d", entry.values).tobytes(),
                             ],
                         )
-                conn.execute(_OUTBOX_INSERT, _outbox_row(record, now))
+                conn.execute(_OUTBOX_INSERT, [encode_record(record), now])
                 flags.append(True)
         return flags
 
@@ -237,7 +262,7 @@ class EdgeStore:
             "INSERT INTO history VALUES (?, ?, ?, ?)",
             [(e.device_id, e.message_id, e.cycle, array("d", e.values).tobytes()) for _, e in entries],
         )
-        conn.executemany(_OUTBOX_INSERT, [_outbox_row(record, now) for record, _ in entries])
+        conn.executemany(_OUTBOX_INSERT, [(encode_record(record), now) for record, _ in entries])
         return True
 
     def seen_many(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -275,7 +300,7 @@ class EdgeStore:
     def devices(self) -> list[str]:
         """Devices with telemetry in their current lifetime."""
         return [
-            device for (device,) in self._query("SELECT DISTINCT device_id FROM history ORDER BY device_id")
+            device for (device,) in self._read("SELECT DISTINCT device_id FROM history ORDER BY device_id")
         ]
 
     def purge(self) -> int:
@@ -289,17 +314,13 @@ class EdgeStore:
 
     # --- outbox -----------------------------------------------------------------------------------
 
-    def take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, CaptureRecord, float]]:
-        """The oldest queued records (at most `limit`, none after `up_to_seq`): seq, record, queued_at."""
-        rows = self._query(
-            "SELECT seq, enqueued_time_utc, properties, system_properties, body, queued_at FROM outbox "
-            "WHERE seq <= ? ORDER BY seq LIMIT ?",
+    def take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, bytes, float]]:
+        """The oldest queued records (at most `limit`, none after `up_to_seq`): seq, the record
+        encoded (`capture.avro_file` makes them a file), queued_at."""
+        return self._read(
+            "SELECT seq, record, queued_at FROM outbox WHERE seq <= ? ORDER BY seq LIMIT ?",
             [2**63 - 1 if up_to_seq is None else up_to_seq, limit],
         )
-        return [
-            (seq, CaptureRecord(enqueued, body, orjson.loads(properties), orjson.loads(system)), queued_at)
-            for seq, enqueued, properties, system, body, queued_at in rows
-        ]
 
     def begin_shipment(self, shipment: Shipment) -> None:
         """Pin the file about to be sent, so a resend after a crash is the same file."""
@@ -311,14 +332,26 @@ class EdgeStore:
 
     def shipment(self) -> Shipment | None:
         """The pinned file not yet confirmed, if any."""
-        rows = self._query("SELECT name, first_seq, last_seq FROM shipment")
+        rows = self._read("SELECT name, first_seq, last_seq FROM shipment")
         return Shipment(*rows[0]) if rows else None
 
     def mark_shipped(self, up_to_seq: int) -> None:
-        """Delete the records up to `up_to_seq` and the pinned shipment: they are in the landing zone."""
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM outbox WHERE seq <= ?", [up_to_seq])
-            conn.execute("DELETE FROM shipment")
+        """Delete the records up to `up_to_seq`, then the pinned shipment: they are in the landing zone.
+
+        DELETE_CHUNK records per transaction, so commits of new messages wait for one chunk, not a
+        whole file's. After a crash midway the shipment is still pinned: its resend holds the
+        records left, under the same name, which the landing zone refuses, and this finishes.
+        """
+        while True:
+            with self._transaction() as conn:
+                deleted = conn.execute(
+                    "DELETE FROM outbox WHERE seq IN "
+                    "(SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq LIMIT ?)",
+                    [up_to_seq, DELETE_CHUNK],
+                ).rowcount
+                if deleted < DELETE_CHUNK:
+                    conn.execute("DELETE FROM shipment")
+                    return
 
     def expire(self, older_than: float) -> int:
         """Drop unshipped records queued before `older_than`; return how many (the TTL drops).
@@ -326,7 +359,7 @@ class EdgeStore:
         Called on every poll of the forwarder: the write transaction, which would compete with
         `record` for the lock, is only opened when the oldest record (an index lookup) is too old.
         """
-        [(oldest,)] = self._query("SELECT min(queued_at) FROM outbox")
+        [(oldest,)] = self._read("SELECT min(queued_at) FROM outbox")
         if oldest is None or oldest >= older_than:
             return 0
         with self._transaction() as conn:
@@ -334,5 +367,5 @@ class EdgeStore:
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""
-        [(count, oldest)] = self._query("SELECT count(*), min(queued_at) FROM outbox")
+        [(count, oldest)] = self._read("SELECT count(*), min(queued_at) FROM outbox")
         return count, oldest

@@ -4,6 +4,7 @@ confirming, outages with backoff, TTL drops, and a SIGKILL while shipping."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ from test_edge_store import (
     warehouse_ids,
 )
 
+from edge_module import store as store_module
 from edge_module.forwarder import Forwarder, describe
 from edge_module.store import EdgeStore
-from turbofan_core.capture import encode_avro, read_capture
+from turbofan_core.capture import avro_file, read_capture
 from turbofan_core.storage import BlobStore, LocalStore, blob_store_from_connection_string
 
 
@@ -100,7 +102,7 @@ def test_a_crash_between_creating_and_confirming_a_file_resends_it_under_the_sam
         shipment = store.shipment()
         assert shipment is not None and shipment.name == forwarder.file_name(1, 3)
         # The create reached the landing zone but the answer was lost (or the edge died right after).
-        landing.create(shipment.name, encode_avro(record for _, record, _ in store.take(3)))
+        landing.create(shipment.name, avro_file(record for _, record, _ in store.take(3)))
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:  # restarted
         later = record(store, "A", 4, 2)  # arrived before the forwarder ran again
         forwarder = Forwarder(store, landing, clock=clock)
@@ -109,6 +111,31 @@ def test_a_crash_between_creating_and_confirming_a_file_resends_it_under_the_sam
         assert forwarder.ship_once(force=True) == 2
         assert list(landing.list_names()) == [forwarder.file_name(1, 3), forwarder.file_name(4, 5)]
         assert landing_ids(landing) == sent + later
+
+
+def test_a_shipped_file_leaves_the_outbox_in_chunks_and_a_crash_between_them_finishes_on_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "DELETE_CHUNK", 2)
+    clock = FakeClock()
+    landing = LocalStore(tmp_path / "landing")
+    with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
+        sent = record(store, "A", 1, 5)
+        assert Forwarder(store, landing, clock=clock).ship_once(force=True) == 5  # 2 + 2 + 1 deleted
+        assert store.backlog() == (0, None) and store.shipment() is None
+        sent += record(store, "A", 6, 5)
+        assert Forwarder(store, broken_landing(tmp_path), clock=clock).ship_once(force=True) == 0
+        shipment = store.shipment()
+        assert shipment is not None
+        landing.create(shipment.name, avro_file(record for _, record, _ in store.take(5)))
+    with sqlite3.connect(tmp_path / "edge.sqlite") as conn:  # the edge died after one chunk's delete
+        conn.execute("DELETE FROM outbox WHERE seq <= 7")
+    with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
+        forwarder = Forwarder(store, landing, clock=clock)
+        assert forwarder.ship_once(force=True) == 3  # the rest, under the same name: refused, marked
+        assert store.backlog() == (0, None) and store.shipment() is None
+    assert list(landing.list_names()) == [forwarder.file_name(1, 5), forwarder.file_name(6, 10)]
+    assert landing_ids(landing) == sent
 
 
 def test_landing_zone_outage_backs_off_then_drains_exactly_once(

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 
 from edge_module.forwarder import Forwarder
 from edge_module.store import EdgeStore, HistoryEntry
-from turbofan_core.capture import CaptureRecord, device_message, read_capture
+from turbofan_core.capture import CaptureRecord, avro_file, device_message, read_capture
 from turbofan_core.storage import LocalStore, ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, encode_body
 from turbofan_warehouse.ingest import ingest_new_files
@@ -55,7 +55,7 @@ def malformed(device: str, message_id: str) -> Entry:
 
 
 def outbox(store: EdgeStore) -> list[CaptureRecord]:
-    return [record for _, record, _ in store.take(1_000_000)]
+    return read_capture(avro_file(record for _, record, _ in store.take(1_000_000)))
 
 
 def cycles(store: EdgeStore, device: str) -> list[int]:

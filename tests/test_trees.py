@@ -1,6 +1,9 @@
-"""The numpy tree walk scores exactly as XGBoost does, on the kinds of models training makes."""
+"""The tree walk scores exactly as XGBoost does, on the kinds of models training makes, and refuses
+what it cannot score that way."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -8,8 +11,8 @@ import pytest
 import xgboost as xgb
 from test_bundle import make_bundle
 
-from turbofan_core.bundle import SMALL_BATCH
-from turbofan_core.trees import compile_trees
+from turbofan_core.bundle import BundleError
+from turbofan_core.trees import TreeEnsemble, UnsupportedModel, read_model
 
 
 def _data(rows: int = 600, width: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -25,9 +28,14 @@ def _train(params: dict, rounds: int = 40, seed: int = 0) -> tuple[xgb.Booster, 
     return booster, x
 
 
+def _ensemble(*boosters: xgb.Booster, file_format: str = "ubj") -> TreeEnsemble:
+    return TreeEnsemble([read_model(bytes(b.save_raw(file_format))) for b in boosters])
+
+
 def _probes(booster: xgb.Booster, x: np.ndarray) -> np.ndarray:
     """Rows from the data, plus rows whose values sit exactly on split thresholds and one float32
-    step either side: where `<` and `<=`, or float64 and float32 comparison, would differ."""
+    step either side (where `<` and `<=`, or float64 and float32 comparison, would differ), and
+    rows with missing values (which take each node's default branch)."""
     thresholds = booster.trees_to_dataframe().dropna(subset=["Split"])
     rows = [x]
     for _, split in thresholds.head(200).iterrows():
@@ -37,7 +45,9 @@ def _probes(booster: xgb.Booster, x: np.ndarray) -> np.ndarray:
             row = x[len(rows) % len(x)].copy()
             row[feature] = probe
             rows.append(row[None, :])
-    return np.concatenate(rows)
+    missing = x[:50].copy()
+    missing[np.arange(50), np.arange(50) % x.shape[1]] = np.nan
+    return np.concatenate([*rows, missing])
 
 
 @pytest.mark.parametrize(
@@ -54,18 +64,17 @@ def _probes(booster: xgb.Booster, x: np.ndarray) -> np.ndarray:
 def test_the_tree_walk_equals_xgboost_bit_for_bit(params: dict) -> None:
     booster, x = _train(params)
     probes = _probes(booster, x)
-    trees = compile_trees([booster])
-    assert trees is not None
     expected = booster.inplace_predict(probes).reshape(len(probes), -1)
-    assert np.array_equal(trees.predict(probes), expected)
-    assert np.array_equal(trees.predict(probes[:1]), expected[:1])
+    for file_format in ("ubj", "json"):
+        trees = _ensemble(booster, file_format=file_format)
+        assert np.array_equal(trees.predict(probes), expected)
+        assert np.array_equal(trees.predict(probes[:1]), expected[:1])
 
 
 def test_several_boosters_give_their_outputs_in_order() -> None:
     point, x = _train({"max_depth": 3})
     quantiles, _ = _train({"max_depth": 6, "objective": "reg:quantileerror", "quantile_alpha": [0.1, 0.9]})
-    trees = compile_trees([point, quantiles])
-    assert trees is not None
+    trees = _ensemble(point, quantiles)
     expected = np.hstack([point.inplace_predict(x)[:, None], quantiles.inplace_predict(x)])
     assert np.array_equal(trees.predict(x), expected)
 
@@ -80,21 +89,37 @@ def test_several_boosters_give_their_outputs_in_order() -> None:
          "objective": "reg:quantileerror", "quantile_alpha": [0.1, 0.9]},
     ],
 )  # fmt: skip
-def test_models_the_walk_does_not_cover_are_left_to_xgboost(params: dict) -> None:
+def test_models_the_walk_would_score_differently_are_refused(params: dict) -> None:
     x, y = _data()
     label = (y > y.mean()).astype(float) if params.get("objective") == "reg:logistic" else y
     depth = {} if params.get("booster") == "gblinear" else {"max_depth": 3}
     booster = xgb.train({"nthread": 1, **depth, **params}, xgb.DMatrix(x, label=label), 5)
-    assert compile_trees([booster]) is None
+    with pytest.raises(UnsupportedModel):
+        _ensemble(booster)
 
 
-def test_bundle_scores_a_row_the_same_alone_and_in_a_large_batch(fleet: pd.DataFrame) -> None:
-    bundle = make_bundle(fleet)
-    rows = np.random.default_rng(1).normal(size=(SMALL_BATCH * 4, len(bundle.spec.feature_names))) * 50
-    together = bundle.predict_matrix(rows)  # XGBoost's loop
-    alone = np.vstack([bundle.predict_matrix(row) for row in rows])  # the tree walk
-    assert np.array_equal(alone, together)
-    with_nan = rows[:1].copy()
-    with_nan[0, 3] = np.nan  # missing values take XGBoost's default branches
-    in_batch = bundle.predict_matrix(np.vstack([with_nan] * 40))[:1]
-    assert np.array_equal(bundle.predict_matrix(with_nan), in_batch)
+def test_a_tree_whose_walk_would_not_end_or_read_past_the_row_is_refused() -> None:
+    booster, _ = _train({"max_depth": 3}, rounds=2)
+    for key, bad in (("left_children", 0), ("right_children", 10_000), ("split_indices", 8)):
+        model = read_model(bytes(booster.save_raw("json")))
+        tree = model["learner"]["gradient_booster"]["model"]["trees"][1]
+        inner = tree["left_children"].index(next(c for c in tree["left_children"] if c > 0))
+        tree[key][inner] = bad  # a loop back to the root, a child outside the tree, a 9th feature
+        with pytest.raises(UnsupportedModel, match="malformed tree"):
+            TreeEnsemble([model])
+
+
+def test_a_truncated_model_file_is_an_error_not_a_crash() -> None:
+    booster, _ = _train({"max_depth": 3}, rounds=2)
+    data = bytes(booster.save_raw("ubj"))
+    for end in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(ValueError, match="truncated"):
+            read_model(data[:end])
+
+
+def test_a_bundle_of_models_the_walk_cannot_score_is_refused(fleet: pd.DataFrame) -> None:
+    good = make_bundle(fleet)
+    x = np.random.default_rng(0).normal(size=(50, len(good.spec.feature_names)))
+    dart = xgb.train({"booster": "dart", "max_depth": 2}, xgb.DMatrix(x, label=x[:, 0]), 3)
+    with pytest.raises(BundleError, match="dart"):
+        dataclasses.replace(good, point=bytes(dart.save_raw("ubj")))

@@ -31,8 +31,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    # One row at a time: OpenMP threads that spin while waiting only steal the other requests' core.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from edge_module.model_slot import ModelReference

@@ -1,5 +1,5 @@
 /*
- * Decoding the records of one IoT Hub capture block, column by column.
+ * Decoding the records of one IoT Hub capture block, column by column, and encoding one record.
  *
  * fastavro reads the container (header, codec, sync markers); this decodes the inflated
  * records of a block, which follow `Microsoft.Azure.Devices.Message`:
@@ -8,7 +8,9 @@
  *   Body: ["null", "bytes"]
  *
  * Why C: decoding record by record builds two dicts and about fifteen strings per message,
- * which made it the largest cost of ingestion. Here a message with no application
+ * which made it the largest cost of ingestion. The edge encodes each message as it accepts it
+ * (its outbox holds encoded records), where fastavro took 11 µs a record and, in the forwarder,
+ * held the interpreter for 57 ms a file, stalling the requests served meanwhile. Here a message with no application
  * properties gets no dict, and of the system properties only the four the contract reads
  * are kept. Every length is checked against the block: malformed data raises ValueError
  * and never reads past the buffer.
@@ -188,6 +190,88 @@ done:
     return result;
 }
 
+
+/* --- encoding ------------------------------------------------------------------------------ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t size, capacity;
+} Writer;
+
+static int reserve(Writer *w, Py_ssize_t more) {
+    if (w->size + more <= w->capacity) return 0;
+    Py_ssize_t capacity = (w->size + more) * 2;
+    char *data = PyMem_Realloc(w->data, capacity);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    w->data = data;
+    w->capacity = capacity;
+    return 0;
+}
+
+static int write_long(Writer *w, long long value) {
+    if (reserve(w, 10) < 0) return -1;
+    unsigned long long zigzag = ((unsigned long long)value << 1) ^ (unsigned long long)(value >> 63);
+    do {
+        unsigned char byte = zigzag & 0x7F;
+        zigzag >>= 7;
+        w->data[w->size++] = (char)(byte | (zigzag ? 0x80 : 0));
+    } while (zigzag);
+    return 0;
+}
+
+static int write_span(Writer *w, const char *data, Py_ssize_t size) {
+    if (write_long(w, size) < 0 || reserve(w, size) < 0) return -1;
+    memcpy(w->data + w->size, data, size);
+    w->size += size;
+    return 0;
+}
+
+static int write_string(Writer *w, PyObject *value, const char *what) {
+    if (!PyUnicode_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be str, not %.80s", what, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    Py_ssize_t size;
+    const char *data = PyUnicode_AsUTF8AndSize(value, &size);
+    return data == NULL ? -1 : write_span(w, data, size);
+}
+
+/* A map<string>: one block of all entries, then the empty block that ends it. */
+static int write_map(Writer *w, PyObject *map) {
+    Py_ssize_t count = PyDict_GET_SIZE(map), pos = 0;
+    PyObject *key, *value;
+    if (count > 0 && write_long(w, count) < 0) return -1;
+    while (PyDict_Next(map, &pos, &key, &value)) {
+        if (write_string(w, key, "a property name") < 0 || write_string(w, value, "a property value") < 0)
+            return -1;
+    }
+    return write_long(w, 0);
+}
+
+static PyObject *encode_record(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *time, *properties, *system_properties, *body;
+    if (!PyArg_ParseTuple(args, "UO!O!O", &time, &PyDict_Type, &properties, &PyDict_Type, &system_properties,
+                          &body))
+        return NULL;
+    if (body != Py_None && !PyBytes_Check(body)) {
+        PyErr_Format(PyExc_TypeError, "body must be bytes or None, not %.80s", Py_TYPE(body)->tp_name);
+        return NULL;
+    }
+    Writer w = {NULL, 0, 0};
+    PyObject *result = NULL;
+    if (write_string(&w, time, "EnqueuedTimeUtc") < 0 || write_map(&w, properties) < 0 ||
+        write_map(&w, system_properties) < 0 || write_long(&w, body != Py_None) < 0)
+        goto done;
+    if (body != Py_None && write_span(&w, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)) < 0) goto done;
+    result = PyBytes_FromStringAndSize(w.data, w.size);
+done:
+    PyMem_Free(w.data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"decode_records", decode_records, METH_VARARGS,
      "decode_records(block, count, strings) -> (times, properties, device_ids, content_types, "
@@ -196,13 +280,17 @@ static PyMethodDef methods[] = {
      "message without application properties. `strings` is a dict shared by the blocks of a "
      "file, so each distinct device id, content type and encoding is one object. Raises "
      "ValueError on malformed data."},
+    {"encode_record", encode_record, METH_VARARGS,
+     "encode_record(enqueued_time_utc, properties, system_properties, body) -> bytes\n\n"
+     "One Microsoft.Azure.Devices.Message record in Avro's binary encoding (maps as one block; "
+     "body None or bytes)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_iothub_avro",
-    .m_doc = "Column decoder for IoT Hub capture blocks.",
+    .m_doc = "Column decoder and record encoder for IoT Hub capture blocks.",
     .m_size = -1,
     .m_methods = methods,
 };

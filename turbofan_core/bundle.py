@@ -14,7 +14,8 @@ sha256 of the whole file against the name it was asked for and refuses anything 
 
 Scoring: `bundle.predict(telemetry)` for raw telemetry in a batch; at the edge, one
 message at a time, `StreamingFeatures(bundle.spec).update(...)` then
-`bundle.predict_matrix(vector)`. Both give the same numbers (tests/test_bundle.py).
+`bundle.predict_matrix(vector)`. Both give the same numbers (tests/test_bundle.py). Neither
+needs XGBoost: the models' trees are walked by `turbofan_core.trees`, exactly as XGBoost would.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xgboost as xgb
 
 from turbofan_core.features import FeatureSpec, compute_features
 from turbofan_core.storage import NameTaken, ObjectStore
-from turbofan_core.trees import TreeArrays, compile_trees
+from turbofan_core.trees import TreeEnsemble, UnsupportedModel, read_model
 
 if TYPE_CHECKING:  # only `predict` (batch scoring) takes frames; the edge scores arrays
     import pandas as pd
@@ -47,9 +47,6 @@ POINT = "point.ubj"
 QUANTILES = "quantiles.ubj"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: fixed so equal content gives equal bytes
 PREDICTION = "rul_pred"
-# Up to this many rows, the trees are walked with numpy (`turbofan_core.trees`), which spares
-# XGBoost's fixed cost per call; beyond, XGBoost's own loop is faster (docs/benchmarks.md).
-SMALL_BATCH = 16
 
 
 class BundleError(ValueError):
@@ -73,8 +70,10 @@ class ModelBundle:
     spec: FeatureSpec
     rul_cap: int
     quantiles: tuple[float, ...]
-    point: xgb.Booster
-    quantile_model: xgb.Booster
+    point: bytes
+    """The point-estimate model: XGBoost's model file (UBJSON), as `training.model_file` saves it."""
+    quantile_model: bytes
+    """The quantile model (one output per quantile), in the same format."""
     quantile_offsets: tuple[float, ...]
     """Added to each quantile model output: the interval's calibration from out-of-fold residuals."""
     params: dict[str, Any] = field(default_factory=dict)
@@ -91,11 +90,15 @@ class ModelBundle:
         object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
         object.__setattr__(self, "quantile_offsets", tuple(float(o) for o in self.quantile_offsets))
         width = len(self.spec.feature_names)
-        for name, model in (("point", self.point), ("quantile", self.quantile_model)):
-            if model.num_features() != width:
-                raise BundleError(
-                    f"{name} model takes {model.num_features()} features, the spec makes {width}"
-                )
+        for name, model in (("point", self._models[0]), ("quantile", self._models[1])):
+            taken = int(model["learner"]["learner_model_param"]["num_feature"])
+            if taken != width:
+                raise BundleError(f"{name} model takes {taken} features, the spec makes {width}")
+        if self._trees.num_outputs != 1 + len(self.quantiles):
+            raise BundleError(
+                f"the models give {self._trees.num_outputs} outputs, expected the point estimate "
+                f"and {len(self.quantiles)} quantiles"
+            )
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -109,7 +112,7 @@ class ModelBundle:
             "params": self.params,
             "watermark": self.watermark,
             "metrics": self.metrics,
-            "xgboost_version": xgb.__version__,
+            "xgboost_version": ".".join(map(str, self._models[0]["version"])),
         }
 
     @cached_property
@@ -117,8 +120,8 @@ class ModelBundle:
         """The bundle file: deterministic, so equal bundles have equal bytes and equal names."""
         members = {
             MANIFEST: json.dumps(self.manifest(), sort_keys=True, indent=2).encode(),
-            POINT: bytes(self.point.save_raw("ubj")),
-            QUANTILES: bytes(self.quantile_model.save_raw("ubj")),
+            POINT: self.point,
+            QUANTILES: self.quantile_model,
         }
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as archive:
@@ -149,19 +152,28 @@ class ModelBundle:
             raise ValueError(
                 f"expected {len(self.spec.feature_names)} features per row, got {matrix.shape[1]}"
             )
-        if len(matrix) <= SMALL_BATCH and self._trees is not None and np.isfinite(matrix).all():
-            outputs = self._trees.predict(matrix)  # equal to XGBoost's, bit for bit
-            point, raw = outputs[:, :1], outputs[:, 1:]
-        else:  # inplace_predict: no DMatrix to build
-            point = self.point.inplace_predict(matrix).reshape(-1, 1)
-            raw = self.quantile_model.inplace_predict(matrix).reshape(len(matrix), -1)
+        outputs = self._trees.predict(matrix)  # equal to XGBoost's, bit for bit
+        point, raw = outputs[:, :1], outputs[:, 1:]
         bounds = np.sort(raw + np.asarray(self.quantile_offsets), axis=1)
         return np.clip(np.hstack([point, bounds]), 0.0, self.rul_cap)
 
     @cached_property
-    def _trees(self) -> TreeArrays | None:
-        """Both models' trees as arrays, for small batches; None if XGBoost must score them."""
-        return compile_trees([self.point, self.quantile_model])
+    def _models(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Both model files as XGBoost's JSON model documents."""
+        try:
+            return read_model(self.point), read_model(self.quantile_model)
+        except (ValueError, KeyError, UnicodeDecodeError) as error:
+            raise BundleError(f"a model file is unreadable: {error}") from None
+
+    @cached_property
+    def _trees(self) -> TreeEnsemble:
+        """Both models' trees, walked together: outputs are the point estimate, then the quantiles."""
+        try:
+            return TreeEnsemble(self._models)
+        except UnsupportedModel as error:
+            raise BundleError(f"a model cannot be scored here: {error}") from None
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(f"a model file is no XGBoost model: {type(error).__name__}: {error}") from None
 
     def predict(self, frame: pd.DataFrame, keys: Sequence[str] = ("device_id", "lifetime")) -> pd.DataFrame:
         """Predictions for every row of raw telemetry, with features computed by the bundle's own spec.
@@ -174,14 +186,6 @@ class ModelBundle:
         out = features[[*keys, "CycleTime"]].copy()
         out[self.prediction_columns] = predictions
         return out
-
-
-def _booster(data: bytes, feature_names: Sequence[str]) -> xgb.Booster:
-    """A model from its UBJSON bytes. One thread: the edge scores a message at a time, where
-    OpenMP's start-up costs more than the trees, and a busy core stalls a multi-threaded call."""
-    booster = xgb.Booster(params={"nthread": 1}, model_file=bytearray(data))
-    booster.feature_names = list(feature_names)
-    return booster
 
 
 def load_bundle(data: bytes, expected_sha256: str) -> ModelBundle:
@@ -210,8 +214,8 @@ def load_bundle(data: bytes, expected_sha256: str) -> ModelBundle:
             rul_cap=manifest["rul_cap"],
             quantiles=tuple(manifest["quantiles"]),
             quantile_offsets=tuple(manifest["quantile_offsets"]),
-            point=_booster(archive.read(POINT), spec.feature_names),
-            quantile_model=_booster(archive.read(QUANTILES), spec.feature_names),
+            point=archive.read(POINT),
+            quantile_model=archive.read(QUANTILES),
             params=manifest["params"],
             watermark=manifest["watermark"],
             metrics=manifest["metrics"],

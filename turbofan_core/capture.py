@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import fastavro
 import orjson
 
 from turbofan_core._iothub_avro import decode_records
+from turbofan_core._iothub_avro import encode_record as _encode_record
 
 AVRO_SCHEMA: dict = {
     "type": "record",
@@ -34,6 +37,7 @@ AVRO_SCHEMA: dict = {
     ],
 }
 _PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
+_BLOCK_BYTES = 16_000  # fastavro's sync interval
 AVRO_MAGIC = b"Obj\x01"
 DEVICE_ID = "connectionDeviceId"
 MESSAGE_ID = "messageId"  # set by the device (azure-iot-device's Message.message_id); IoT Hub keeps it
@@ -105,23 +109,56 @@ def capture_name(hub: str, partition: int, when: datetime) -> str:
     return f"{hub}/{partition:02d}/{when.astimezone(UTC):%Y/%m/%d/%H/%M}"
 
 
+def encode_record(record: CaptureRecord) -> bytes:
+    """One record in Avro's binary encoding, as it sits in a capture block (what the edge's outbox keeps)."""
+    return _encode_record(record.enqueued_time_utc, record.properties, record.system_properties, record.body)
+
+
+def avro_file(encoded: Iterable[bytes], codec: str = "deflate") -> bytes:
+    """An Avro container file of records already encoded (`encode_record`), in blocks of about
+    16 kB as fastavro writes them; `codec` is "deflate" or "null"."""
+    if codec not in ("deflate", "null"):
+        raise ValueError(f"codec {codec!r} is not 'deflate' or 'null'")
+    sync = os.urandom(16)
+    metadata = {"avro.schema": json.dumps(AVRO_SCHEMA).encode(), "avro.codec": codec.encode()}
+    parts = [AVRO_MAGIC, _long(len(metadata))]
+    for key, value in metadata.items():
+        parts += [_long(len(key)), key.encode(), _long(len(value)), value]
+    parts += [_long(0), sync]
+    block: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        data = b"".join(block)
+        if codec == "deflate":
+            compressor = zlib.compressobj(1, zlib.DEFLATED, -15)  # raw deflate, fastest level
+            data = compressor.compress(data) + compressor.flush()
+        parts.extend([_long(len(block)), _long(len(data)), data, sync])
+
+    for record in encoded:
+        block.append(record)
+        size += len(record)
+        if size >= _BLOCK_BYTES:
+            flush()
+            block, size = [], 0
+    if block:
+        flush()
+    return b"".join(parts)
+
+
 def encode_avro(records: Iterable[CaptureRecord], codec: str = "deflate") -> bytes:
-    buffer = io.BytesIO()
-    fastavro.writer(
-        buffer,
-        _PARSED_SCHEMA,
-        (
-            {
-                "EnqueuedTimeUtc": r.enqueued_time_utc,
-                "Properties": r.properties,
-                "SystemProperties": r.system_properties,
-                "Body": r.body,
-            }
-            for r in records
-        ),
-        codec=codec,
-    )
-    return buffer.getvalue()
+    """A capture file of `records`, as IoT Hub's routing writes it."""
+    return avro_file((encode_record(r) for r in records), codec)
+
+
+def _long(value: int) -> bytes:
+    """Avro's long: zig-zag, then seven bits a byte, low bits first."""
+    zigzag, out = (value << 1) ^ (value >> 63), bytearray()
+    while True:
+        byte, zigzag = zigzag & 0x7F, zigzag >> 7
+        out.append(byte | (0x80 if zigzag else 0))
+        if not zigzag:
+            return bytes(out)
 
 
 def encode_json_lines(records: Iterable[CaptureRecord]) -> bytes:

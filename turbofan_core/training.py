@@ -120,12 +120,17 @@ def _predict(booster: xgb.Booster, X: np.ndarray, rounds: int | None = None) -> 
     return booster.predict(matrix, iteration_range=(0, rounds or booster.num_boosted_rounds()))
 
 
+def model_file(booster: xgb.Booster) -> bytes:
+    """A trained model as the file a bundle stores: XGBoost's own UBJSON format."""
+    return bytes(booster.save_raw("ubj"))
+
+
 @dataclass(frozen=True)
 class FittedModel:
     """The chosen configuration refit on all training data, with its calibrated interval."""
 
-    point: xgb.Booster
-    quantile_model: xgb.Booster
+    point: bytes  # model files (`model_file`), as a bundle holds them
+    quantile_model: bytes
     quantile_offsets: tuple[float, ...]
     """Added to each quantile's prediction so it holds out of fold (conformalised quantile regression)."""
     raw_interval_coverage: float
@@ -159,7 +164,8 @@ def fit_final(
     for k, model in zip(fold_ids, per_fold, strict=True):
         oof[folds == k] = _predict(model, X[folds == k]).reshape(-1, len(INTERVAL))
     offsets = tuple(float(np.quantile(y - oof[:, i], q)) for i, q in enumerate(INTERVAL))
-    return FittedModel(point, quantile_model, offsets, metrics.interval_coverage(y, oof[:, 0], oof[:, -1]))
+    coverage = metrics.interval_coverage(y, oof[:, 0], oof[:, -1])
+    return FittedModel(model_file(point), model_file(quantile_model), offsets, coverage)
 
 
 @dataclass(frozen=True)

@@ -1,132 +1,216 @@
-"""XGBoost tree ensembles as numpy arrays, for scoring a few rows at a time.
+"""XGBoost models read from their files and scored without XGBoost.
 
-XGBoost spends about 75 µs in its C library and 100 µs in its Python wrapper on every
-prediction call, whatever the number of rows, while the trees of one row cost a few µs. The
-edge scores one message at a time, so that overhead was most of its latency. `TreeArrays`
-walks the same trees with numpy: every tree padded to a complete binary tree of the ensemble's
-depth, all trees of all models one level at a time. Its results equal XGBoost's bit for bit
-(tests/test_trees.py): features are rounded to float32 as XGBoost does, a row goes right when
-`value >= split` (left when `<`), and each output sums its trees' leaves in float32, in tree
-order, from the base score. Past a few dozen rows XGBoost's own loop is faster (figures in
-docs/benchmarks.md), so `ModelBundle.predict_matrix` uses these arrays only for small batches.
+XGBoost spends about 175 µs on every prediction call, whatever the number of rows, while the
+trees of one row cost a few µs, and the edge scores one message at a time. XGBoost also imports
+scipy, most of the edge install's size. So bundles are scored by `TreeEnsemble`: the trees of
+XGBoost's own model file (UBJSON, or JSON), walked in C (`_trees.c`), with results equal to
+XGBoost's bit for bit (tests/test_trees.py). XGBoost is needed only to train.
 
-Only what our training produces is supported: gbtree boosters of numerical splits, one output
-per tree, objectives whose prediction is the raw sum. `compile_trees` returns None otherwise,
-and for rows with a missing value (NaN) callers use XGBoost.
+Only what our training produces is supported: gbtree boosters of numerical splits, one output per
+tree, objectives whose prediction is the raw sum of the leaves. Anything else is refused with
+`UnsupportedModel`, never scored differently from XGBoost.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import xgboost as xgb
 
-MAX_DEPTH = 10  # deeper trees would make the padded arrays large; XGBoost scores those
+from turbofan_core import _trees
+
+_NODE = np.dtype([("left", "<i4"), ("feature", "<u4"), ("split", "<f4"), ("leaf", "<f4")])  # Node in _trees.c
+_DEFAULT_LEFT, _LEAF = np.uint32(0x80000000), np.uint32(0x40000000)
 _RAW_SUM_OBJECTIVES = {"reg:squarederror", "reg:absoluteerror", "reg:quantileerror", "reg:pseudohubererror"}
 
 
-class TreeArrays:
-    """Several boosters' trees, padded to one depth; `predict` gives every output of every booster."""
+class UnsupportedModel(ValueError):
+    """A model file this walk cannot score exactly as XGBoost would."""
 
-    def __init__(
-        self,
-        features: np.ndarray,
-        thresholds: np.ndarray,
-        leaves: np.ndarray,
-        outputs: list[np.ndarray],
-        base_scores: np.ndarray,
-    ) -> None:
-        self.depth = int(np.log2(leaves.shape[1]))
-        self._features = features.ravel()  # (trees * inner): feature index of each padded split
-        self._thresholds = thresholds.ravel()  # float32; +inf where padding always goes left
-        self._leaves = leaves.ravel()  # (trees * 2**depth): float32 leaf values
-        self._tree_inner = np.arange(len(features)) * features.shape[1]  # where each tree's splits start
-        self._tree_leaves = np.arange(len(features)) * leaves.shape[1]
-        self._outputs = outputs  # per output, its trees in order
-        self._base_scores = base_scores.astype(np.float32)
+
+def read_model(data: bytes) -> dict[str, Any]:
+    """An XGBoost model file as XGBoost's JSON model document (from UBJSON or JSON bytes)."""
+    if data[:1] == b"{" and data[1:2] in (b'"', b"\n", b" ", b"\r", b"\t"):
+        return json.loads(data)
+    value, end = _Ubjson(data).read(0)
+    if end != len(data):
+        raise ValueError(f"{len(data) - end} bytes after the end of the model document")
+    return value
+
+
+class _Ubjson:
+    """The subset of UBJSON (draft 12) XGBoost writes, numeric arrays as numpy arrays."""
+
+    _NUMBERS = {
+        b"i": np.dtype("i1"),
+        b"U": np.dtype("u1"),
+        b"I": np.dtype(">i2"),
+        b"l": np.dtype(">i4"),
+        b"L": np.dtype(">i8"),
+        b"d": np.dtype(">f4"),
+        b"D": np.dtype(">f8"),
+    }
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+
+    def read(self, pos: int, marker: bytes | None = None) -> tuple[Any, int]:
+        if marker is None:
+            marker, pos = self._marker(pos)
+        if marker in self._NUMBERS:
+            dtype = self._NUMBERS[marker]
+            end = self._bounded(pos + dtype.itemsize)
+            return np.frombuffer(self.data[pos:end], dtype)[0].item(), end
+        if marker in (b"S", b"H"):
+            return self._string(pos)
+        if marker == b"C":
+            end = self._bounded(pos + 1)
+            return bytes(self.data[pos:end]).decode(), end
+        if marker in (b"T", b"F", b"Z"):
+            return {b"T": True, b"F": False, b"Z": None}[marker], pos
+        if marker in (b"[", b"{"):
+            return self._container(pos, marker == b"{")
+        raise ValueError(f"UBJSON: unknown marker {marker!r} at byte {pos - 1}")
+
+    def _marker(self, pos: int) -> tuple[bytes, int]:
+        while True:
+            marker = bytes(self.data[pos : self._bounded(pos + 1)])
+            if marker != b"N":  # no-op
+                return marker, pos + 1
+            pos += 1
+
+    def _bounded(self, end: int) -> int:
+        if end > len(self.data):
+            raise ValueError("UBJSON: truncated model document")
+        return end
+
+    def _count(self, pos: int) -> tuple[int, int]:
+        count, pos = self.read(pos)
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"UBJSON: bad length {count!r}")
+        return count, pos
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        size, pos = self._count(pos)
+        end = self._bounded(pos + size)
+        return bytes(self.data[pos:end]).decode(), end
+
+    def _container(self, pos: int, is_object: bool) -> tuple[Any, int]:
+        kind, count = None, None
+        marker, after = self._marker(pos)
+        if marker == b"$":
+            kind, pos = self._marker(after)
+            marker, after = self._marker(pos)
+            if marker != b"#":
+                raise ValueError("UBJSON: a typed container without a count")
+        if marker == b"#":
+            count, pos = self._count(after)
+        if not is_object and kind in self._NUMBERS and count is not None:
+            dtype = self._NUMBERS[kind]
+            end = self._bounded(pos + count * dtype.itemsize)
+            return np.frombuffer(self.data[pos:end], dtype).astype(dtype.newbyteorder("=")), end
+        items: list[Any] = []
+        result: dict[str, Any] = {}
+        while count is None or len(items) + len(result) < count:
+            if count is None:
+                marker, after = self._marker(pos)
+                if marker == (b"}" if is_object else b"]"):
+                    return (result if is_object else items), after
+            if is_object:
+                key, pos = self._string(pos)
+                result[key], pos = self.read(pos, kind)
+            else:
+                value, pos = self.read(pos, kind)
+                items.append(value)
+        return (result if is_object else items), pos
+
+
+class TreeEnsemble:
+    """The trees of several XGBoost models in flat arrays; `predict` gives every model's outputs."""
+
+    def __init__(self, models: Sequence[dict[str, Any]]) -> None:
+        """`models`: XGBoost model documents (`read_model`), all taking the same features."""
+        trees: list[dict[str, Any]] = []
+        outputs: list[int] = []
+        base_scores: list[float] = []
+        widths = set()
+        for model in models:
+            learner = model["learner"]
+            booster, objective = learner["gradient_booster"]["name"], learner["objective"]["name"]
+            if booster != "gbtree":
+                raise UnsupportedModel(f"a {booster} booster (only gbtree is walked)")
+            if objective not in _RAW_SUM_OBJECTIVES:
+                raise UnsupportedModel(f"objective {objective} (its prediction is not the sum of leaves)")
+            parameters = learner["learner_model_param"]
+            widths.add(int(parameters["num_feature"]))
+            scores = str(parameters["base_score"]).strip("[]").split(",")
+            forest = learner["gradient_booster"]["model"]
+            for tree, group in zip(forest["trees"], forest["tree_info"], strict=True):
+                if any(np.asarray(tree.get("split_type", ()))):
+                    raise UnsupportedModel("categorical splits")
+                if int(tree["tree_param"].get("size_leaf_vector", 1)) > 1:
+                    raise UnsupportedModel("vector leaves (multi_output_tree)")
+                trees.append(tree)
+                outputs.append(len(base_scores) + int(group))
+            base_scores.extend(float(score) for score in scores)
+        if len(widths) != 1:
+            raise UnsupportedModel(f"models take different numbers of features: {sorted(widths)}")
+        self.num_features = widths.pop()
+        self.num_outputs = len(base_scores)
+        laid_out = [_layout(tree, self.num_features) for tree in trees]
+        sizes = np.array([len(nodes) for nodes, _ in laid_out])
+        self._roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+        self._nodes = np.concatenate([nodes for nodes, _ in laid_out])
+        self._nodes["left"] += np.repeat(self._roots, sizes)  # indices into all trees' nodes
+        self._depths = np.array([depth for _, depth in laid_out], dtype=np.int32)
+        self._outputs = np.array(outputs, dtype=np.int32)
+        self._base = np.array(base_scores, dtype=np.float32)
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """(rows, outputs) float32: each output's base score plus its trees' leaves, summed in order."""
-        x = np.ascontiguousarray(rows, dtype=np.float32)
-        width = x.shape[1]
-        flat = x.ravel()
-        row_start = (np.arange(len(x)) * width)[:, None]
-        position = np.zeros((len(x), len(self._tree_inner)), dtype=np.intp)  # within each tree's level
-        for level in range(self.depth):
-            node = self._tree_inner + (2**level - 1) + position
-            right = flat[row_start + self._features[node]] >= self._thresholds[node]
-            position = 2 * position + right
-        values = self._leaves[self._tree_leaves + position]
-        out = np.empty((len(x), len(self._outputs)), dtype=np.float32)
-        for index, trees in enumerate(self._outputs):
-            terms = np.empty((len(x), len(trees) + 1), dtype=np.float32)
-            terms[:, 0] = self._base_scores[index]
-            terms[:, 1:] = values[:, trees]
-            out[:, index] = np.cumsum(terms, axis=1, dtype=np.float32)[:, -1]  # sequential, as XGBoost
+        x = np.ascontiguousarray(np.atleast_2d(rows), dtype=np.float32)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features per row, got {x.shape[1]}")
+        out = np.empty((len(x), self.num_outputs), dtype=np.float32)
+        _trees.predict(
+            x, self.num_features, self._nodes, self._roots, self._depths, self._outputs, self._base, out
+        )
         return out
 
 
-def compile_trees(boosters: Sequence[xgb.Booster]) -> TreeArrays | None:
-    """The boosters' trees as one `TreeArrays` (outputs in booster order), or None if unsupported."""
-    trees: list[dict] = []
-    outputs: list[np.ndarray] = []
-    base_scores: list[float] = []
-    for booster in boosters:
-        learner = json.loads(booster.save_raw("json"))["learner"]
-        if learner["gradient_booster"]["name"] != "gbtree":
-            return None
-        if learner["objective"]["name"] not in _RAW_SUM_OBJECTIVES:
-            return None
-        model = learner["gradient_booster"]["model"]
-        scores = learner["learner_model_param"]["base_score"].strip("[]").split(",")
-        groups = np.asarray(model["tree_info"], dtype=np.intp)
-        for tree in model["trees"]:
-            if any(tree.get("split_type", ())) or int(tree["tree_param"].get("size_leaf_vector", 1)) > 1:
-                return None  # categorical splits, or vector leaves
-        for group, score in enumerate(scores):
-            outputs.append(len(trees) + np.flatnonzero(groups == group))
-            base_scores.append(float(score))
-        trees.extend(model["trees"])
-    depth = max(_depth(tree) for tree in trees)
-    if depth > MAX_DEPTH:
-        return None
-    depth = max(depth, 1)
-    features = np.zeros((len(trees), 2**depth - 1), dtype=np.intp)
-    thresholds = np.full((len(trees), 2**depth - 1), np.inf, dtype=np.float32)
-    leaves = np.zeros((len(trees), 2**depth), dtype=np.float32)
-    for index, tree in enumerate(trees):
-        _pad(tree, index, depth, features, thresholds, leaves)
-    return TreeArrays(features, thresholds, leaves, outputs, np.array(base_scores))
+def _layout(tree: dict[str, Any], width: int) -> tuple[np.ndarray, int]:
+    """One tree's nodes as `_trees.c` walks them, and its depth.
 
-
-def _depth(tree: dict) -> int:
-    left, right = tree["left_children"], tree["right_children"]
-    deepest, stack = 0, [(0, 0)]
-    while stack:
-        node, level = stack.pop()
+    Breadth first from the root, so each node's children are adjacent (left, then right) and a
+    leaf points to itself (see Node in _trees.c). Only nodes reached from the root are kept; a
+    tree whose children are out of range, or reached twice, or whose splits read a feature the
+    rows do not have, is refused: the C walk trusts these indices.
+    """
+    left, right = np.asarray(tree["left_children"]).tolist(), np.asarray(tree["right_children"]).tolist()
+    features = np.asarray(tree["split_indices"]).tolist()
+    conditions = np.asarray(tree["split_conditions"], dtype=np.float32)  # a leaf's holds its value
+    default_left = np.asarray(tree["default_left"]).tolist()
+    order, levels, children = [0], [0], []  # old index, level, new index of the left child
+    for position, node in enumerate(order):
+        if not 0 <= node < len(left) or len(order) > len(left):
+            raise UnsupportedModel(f"malformed tree: node {node} of {len(left)} is out of range or repeated")
         if left[node] == -1:
-            deepest = max(deepest, level)
-        else:
-            stack += [(left[node], level + 1), (right[node], level + 1)]
-    return deepest
-
-
-def _pad(
-    tree: dict, index: int, depth: int, features: np.ndarray, thresholds: np.ndarray, leaves: np.ndarray
-) -> None:
-    """Lay one tree out as a complete tree: a leaf above the last level fills every leaf slot below
-    it, and the padding splits under it (threshold +inf) send every row left, into that range."""
-    left, right = tree["left_children"], tree["right_children"]
-    splits, conditions = tree["split_indices"], tree["split_conditions"]  # a leaf's condition is its value
-    stack = [(0, 0, 0)]  # node, level, position within the level
-    while stack:
-        node, level, position = stack.pop()
-        if left[node] == -1:
-            span = 2 ** (depth - level)
-            leaves[index, position * span : (position + 1) * span] = conditions[node]
+            children.append(position)
             continue
-        slot = 2**level - 1 + position
-        features[index, slot], thresholds[index, slot] = splits[node], conditions[node]
-        stack += [(left[node], level + 1, 2 * position), (right[node], level + 1, 2 * position + 1)]
+        if not 0 <= features[node] < width:
+            raise UnsupportedModel(f"malformed tree: a split on feature {features[node]} of {width}")
+        children.append(len(order))
+        order += [left[node], right[node]]
+        levels += [levels[position] + 1] * 2
+    old = np.array(order)
+    leaf = np.array([left[node] == -1 for node in order])
+    nodes = np.zeros(len(order), dtype=_NODE)
+    nodes["left"] = children
+    nodes["feature"] = np.where(leaf, _LEAF, np.asarray(features)[old]) | np.where(
+        np.asarray(default_left, dtype=bool)[old] | leaf, _DEFAULT_LEFT, 0
+    )
+    nodes["split"] = np.where(leaf, 0, conditions[old])
+    nodes["leaf"] = np.where(leaf, conditions[old], 0)
+    return nodes, max(levels)
