@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from edge_module.store import EdgeStore, Shipment
 from turbofan_core.capture import avro_file
@@ -27,7 +27,20 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
+# The forwarder reads and compresses a file this many records at a time, pausing in between, so it
+# never takes the interpreter or a core from the requests for long: one 5,000-record file is about
+# 10 ms of reading and 25 ms of compression (docs/benchmarks.md).
+PACE_RECORDS = 250
+PACE_SECONDS = 0.002
 _SECRET = re.compile(r"(?i)\b(sig|accountkey|sharedaccesssignature|sharedaccesskey)=[^&;\s]+")
+
+
+def _paced(records: Iterator[bytes]) -> Iterator[bytes]:
+    """The records, with a pause every PACE_RECORDS: a file is compressed a few blocks at a time."""
+    for index, record in enumerate(records):
+        if index and index % PACE_RECORDS == 0:
+            time.sleep(PACE_SECONDS)
+        yield record
 
 
 def describe(error: BaseException) -> str:
@@ -96,18 +109,16 @@ class Forwarder:
                 )
                 if count == 0 or not (due or force):
                     return 0
-                rows = self.store.take(self.max_records)
+                rows = self._take(self.max_records)
                 shipment = Shipment(self.file_name(rows[0][0], rows[-1][0]), rows[0][0], rows[-1][0])
                 self.store.begin_shipment(shipment)
             else:
-                rows = self.store.take(
-                    shipment.last_seq - shipment.first_seq + 1, up_to_seq=shipment.last_seq
-                )
+                rows = self._take(shipment.last_seq - shipment.first_seq + 1, up_to_seq=shipment.last_seq)
                 if not rows:  # all of it expired meanwhile
                     self.store.mark_shipped(shipment.last_seq)
                     return 0
             try:
-                self.landing.create(shipment.name, avro_file(record for _, record, _ in rows))
+                self.landing.create(shipment.name, avro_file(_paced(record for _, record, _ in rows)))
             except NameTaken:
                 pass  # sent before a crash or a lost answer: the file is there already
             except Exception as error:  # the landing zone's (OSError, AzureError, ...): retry later
@@ -119,6 +130,18 @@ class Forwarder:
             self.backoff_seconds = 0.0
             self.retry_at = 0.0
             return len(rows)
+
+    def _take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, bytes, float]]:
+        """`store.take`, PACE_RECORDS at a time with a pause between (see `_paced`)."""
+        rows: list[tuple[int, bytes, float]] = []
+        while len(rows) < limit:
+            after = rows[-1][0] if rows else 0
+            page = self.store.take(min(PACE_RECORDS, limit - len(rows)), up_to_seq, after_seq=after)
+            rows += page
+            if len(page) < PACE_RECORDS:
+                break
+            time.sleep(PACE_SECONDS)
+        return rows
 
     def _failed(self, error: BaseException, now: float) -> None:
         self.failures += 1

@@ -16,10 +16,10 @@ import asyncio
 import hashlib
 import json
 import re
-import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections import Counter as Tally
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -38,7 +39,9 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
+from edge_module import telemetry_endpoint
 from edge_module.auth import (
     REGISTRY_FILENAME,
     AuthError,
@@ -52,12 +55,12 @@ from edge_module.forwarder import Forwarder
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
 from edge_module.scoring import DeviceFeatures
 from edge_module.store import EdgeStore, HistoryEntry
-from turbofan_core.capture import device_message
+from edge_module.telemetry_endpoint import TelemetryEndpoint
+from turbofan_core.capture import device_message, format_enqueued_time
 from turbofan_core.features import StreamingFeatures
 from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check_messages, parse_message
 
-MAX_BODY_BYTES = 1 << 20  # a batch of a few thousand messages; larger is refused, not read
 DESIRED_MODEL = "desired_model.json"  # the last model reference set, so a restart serves it again
 PURGE_SECONDS = 3600.0
 MAX_VERIFIED_TOKENS = 100_000  # remembered verified SAS tokens; forgotten all at once past this
@@ -257,8 +260,8 @@ class Edge:
                     elif item.scorable:
                         item.score(model.bundle.predict_matrix(self._features.features(item.entry))[0], model)
                     self._record([item])
-        for item in checked:
-            self.metrics.messages.labels(item.result["status"]).inc()
+        for status, count in Tally(item.result["status"] for item in checked).items():
+            self.metrics.messages.labels(status).inc(count)
         return [item.result for item in checked]
 
     def _check(self, messages: list[Incoming]) -> list[_Checked]:
@@ -297,7 +300,7 @@ class Edge:
 
     def _record(self, checked: list[_Checked]) -> None:
         """Commit what is to be forwarded (and the history it adds) in one transaction."""
-        now = datetime.now(UTC)
+        now = format_enqueued_time(datetime.now(UTC))  # one enqueued time for the request
         entries = [
             (device_message(c.device_id, c.body, now, c.properties, c.message_id), c.entry)
             for c in checked
@@ -330,57 +333,6 @@ def _rule(reason: str) -> str:
     return re.sub(r"'[^']*'|-?\d[\d.e+-]*|\b(?:str|int|float|bool|NoneType|list|dict)\b.*", "_", reason)[:80]
 
 
-def _messages(
-    body: bytes, headers: Mapping[str, str]
-) -> list[tuple[str | None, bytes, dict[str, str], str | None]]:
-    """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id).
-
-    A single message takes its id and properties from IoT Hub's REST headers. A batch item is a
-    telemetry body, or an envelope {"body", "properties", "messageId", "authorization"}: a gateway
-    batching many devices' messages gives each its device's SAS token; without one, the item is the
-    requesting device's (credential None).
-    """
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None  # refused by the contract, with its reason
-    if not isinstance(parsed, list):
-        return [(None, body, _header_properties(headers), headers.get("iothub-messageid"))]
-    items = []
-    for index, item in enumerate(parsed):
-        if not isinstance(item, dict):
-            raise HTTPException(
-                422, f"a batch holds JSON objects (bodies or envelopes); item {index} is not one"
-            )
-        if "body" in item:
-            properties = {str(k): str(v) for k, v in (item.get("properties") or {}).items()}
-            items.append(
-                (item.get("authorization"), orjson.dumps(item["body"]), properties, item.get("messageId"))
-            )
-        else:
-            items.append((None, orjson.dumps(item), {}, None))
-    return items
-
-
-def _header_properties(headers: Mapping[str, str]) -> dict[str, str]:
-    """IoT Hub's REST API carries application properties as `iothub-app-NAME` headers."""
-    prefix = "iothub-app-"
-    return {name[len(prefix) :]: value for name, value in headers.items() if name.startswith(prefix)}
-
-
-_AUTHORIZATION_HEADER = {
-    "parameters": [
-        {
-            "name": "Authorization",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string"},
-            "description": "The device's SAS token; a gateway's batch may carry one per item instead",
-        }
-    ]
-}
-
-
 def create_app(config: EdgeConfig) -> FastAPI:
     edge = Edge(config)
 
@@ -403,59 +355,23 @@ def create_app(config: EdgeConfig) -> FastAPI:
     app = FastAPI(title="turbofan edge module", version="1", lifespan=lifespan)
     app.state.edge = edge
 
-    def _device(authorization: str | None) -> str:
-        try:
-            return edge.authenticate(authorization)
-        except AuthError as error:
-            raise HTTPException(401, error.reason) from None
-
     def _admin(authorization: str | None) -> None:
         try:
             check_admin(authorization, edge.admin_key)
         except AuthError as error:
             raise HTTPException(401, error.reason) from None
 
-    # The Authorization header is read from the request rather than declared as a parameter:
-    # FastAPI's parameter resolution was a tenth of the cost of a single message. It is still
-    # documented in the OpenAPI schema.
-    @app.post("/telemetry", openapi_extra=_AUTHORIZATION_HEADER)
-    async def telemetry(request: Request) -> Response:
-        """One message (IoT Hub REST style) or a batch, from the device the SAS token names (or, in a
-        gateway's batch, the devices each item's token names)."""
-        started = time.perf_counter()
-        authorization = request.headers.get("authorization")
-        content_type, _, parameters = request.headers.get("content-type", "application/json").partition(";")
-        if content_type.strip().lower() != "application/json":
-            raise HTTPException(415, f"content type {content_type.strip()!r} is not 'application/json'")
-        charset = parameters.strip().removeprefix("charset=").strip().lower()
-        if charset not in ("", "utf-8", "utf8"):
-            raise HTTPException(415, f"content encoding {charset!r} is not 'utf-8'")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
-        items = _messages(body, request.headers)  # ASGI header names are lower case
-        requester = (
-            None if authorization is None and all(item[0] for item in items) else _device(authorization)
-        )
-        messages = [(_device(token) if token else requester, *rest) for token, *rest in items]
-        try:
-            # In the event loop itself: the work is serialised by the edge's lock anyway, and a
-            # hop to a worker thread costs more than the fsync'd commit it would overlap.
-            results = edge.receive(messages)
-        except (sqlite3.Error, OSError) as error:
-            raise HTTPException(
-                503, f"could not store the messages durably, send them again: {error}"
-            ) from None
-        edge.metrics.latency.observe(time.perf_counter() - started)
-        single = len(messages) == 1 and not body.lstrip().startswith(b"[")
-        if single and results[0]["status"] == "refused":
-            return Response(
-                orjson.dumps({"detail": results[0]["reason"]}), 422, media_type="application/json"
-            )
-        if not single and all(result["status"] == "refused" for result in results):
-            answer = {"detail": "every message of the batch was refused", "results": results}
-            return Response(orjson.dumps(answer), 422, media_type="application/json")
-        return Response(orjson.dumps(results[0] if single else results), media_type="application/json")
+    app.router.routes.insert(0, Route("/telemetry", TelemetryEndpoint(edge), methods=["POST"]))
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the telemetry route it does not serve itself."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema["paths"] = {"/telemetry": telemetry_endpoint.OPENAPI, **schema["paths"]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.post("/score")
     def score(window: list[dict[str, Any]]) -> dict:

@@ -102,7 +102,7 @@ class Shipment:
 
 
 _OUTBOX_INSERT = "INSERT INTO outbox (record, queued_at) VALUES (?, ?)"
-DELETE_CHUNK = 500  # outbox rows deleted per transaction once shipped: commits wait a few ms at most
+DELETE_CHUNK = 250  # outbox rows deleted per transaction once shipped: commits wait a ms at most
 
 
 class EdgeStore:
@@ -175,15 +175,20 @@ class EdgeStore:
 
         SQLite's own (automatic) checkpoint runs inside a commit, every 1,000 pages: it made one
         commit in a hundred wait 5 to 200 ms while it wrote and fsync'd the database file. Here
-        the bulk of the copy runs beside the commits (a PASSIVE checkpoint never blocks them);
-        only the frames committed meanwhile are copied with commits held, so the WAL is then
-        fully copied and the next commit starts it again from the beginning instead of growing it.
+        the bulk of the copy runs beside the commits (a PASSIVE checkpoint never blocks them), in
+        passes until one is short; only the frames committed during that last pass are copied with
+        commits held, so the WAL is then fully copied and the next commit starts it again from the
+        beginning instead of growing it.
         """
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             while not self._closing.wait(CHECKPOINT_SECONDS):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    for _ in range(5):  # each pass copies what was committed during the one before
+                        started = time.monotonic()
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        if time.monotonic() - started < 0.002:
+                            break
                     with self._lock:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as error:  # a full disk: commits fail and say so; retried next time
@@ -314,12 +319,14 @@ class EdgeStore:
 
     # --- outbox -----------------------------------------------------------------------------------
 
-    def take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, bytes, float]]:
-        """The oldest queued records (at most `limit`, none after `up_to_seq`): seq, the record
-        encoded (`capture.avro_file` makes them a file), queued_at."""
+    def take(
+        self, limit: int, up_to_seq: int | None = None, after_seq: int = 0
+    ) -> list[tuple[int, bytes, float]]:
+        """The oldest queued records (at most `limit`, after `after_seq`, none after `up_to_seq`):
+        seq, the record encoded (`capture.avro_file` makes them a file), queued_at."""
         return self._read(
-            "SELECT seq, record, queued_at FROM outbox WHERE seq <= ? ORDER BY seq LIMIT ?",
-            [2**63 - 1 if up_to_seq is None else up_to_seq, limit],
+            "SELECT seq, record, queued_at FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            [after_seq, 2**63 - 1 if up_to_seq is None else up_to_seq, limit],
         )
 
     def begin_shipment(self, shipment: Shipment) -> None:
@@ -352,6 +359,7 @@ class EdgeStore:
                 if deleted < DELETE_CHUNK:
                     conn.execute("DELETE FROM shipment")
                     return
+            time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
 
     def expire(self, older_than: float) -> int:
         """Drop unshipped records queued before `older_than`; return how many (the TTL drops).

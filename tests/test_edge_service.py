@@ -354,6 +354,11 @@ def test_model_and_metrics_describe_the_service(edge: Edge, bundles) -> None:
     assert 'edge_messages_total{result="refused"} 1.0' in text
     assert "edge_forward_backlog" in text and "edge_telemetry_seconds_bucket" in text
     assert "edge_devices 0.0" in text  # the refused message started no lifetime
+    status, document = edge.call("GET", "/openapi.json")
+    assert status == 200 and {"/telemetry", "/score", "/model", "/admin/model"} <= set(document["paths"])
+    telemetry = document["paths"]["/telemetry"]["post"]
+    assert [p["name"] for p in telemetry["parameters"]] == ["Authorization"]
+    assert edge.call("GET", "/telemetry")[0] == 405
 
 
 def test_a_gateway_batch_of_many_devices_scores_like_the_batch_model(

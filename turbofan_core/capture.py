@@ -75,15 +75,16 @@ def format_enqueued_time(when: datetime) -> str:
 def device_message(
     device_id: str,
     body: bytes,
-    when: datetime,
+    when: datetime | str,
     properties: dict[str, str],
     message_id: str | None = None,
 ) -> CaptureRecord:
     """The record IoT Hub routes for a JSON message sent by an authenticated device.
 
-    `message_id` is the device's own id for the message (kept across resends), when it set one.
+    `when` is the enqueued time, or its text (`format_enqueued_time`) when many messages share
+    it. `message_id` is the device's own id for the message (kept across resends), when it set one.
     """
-    enqueued = format_enqueued_time(when)
+    enqueued = when if isinstance(when, str) else format_enqueued_time(when)
     system = {
         DEVICE_ID: device_id,
         "connectionAuthMethod": _SAS_AUTH,

@@ -1,0 +1,190 @@
+"""`POST /telemetry`: the request as IoT Hub's REST API or a gateway's batch, the answer as JSON.
+
+It is served as a plain ASGI app (`TelemetryEndpoint`, mounted as a Starlette route) rather than
+a FastAPI endpoint: at 1,000 single messages a second, FastAPI's request and response handling
+was a sixth of the service's CPU (docs/benchmarks.md). The route is still described in the
+OpenAPI document (`OPENAPI`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from edge_module.auth import AuthError
+
+if TYPE_CHECKING:
+    from edge_module.service import Edge
+
+MAX_BODY_BYTES = 1 << 20  # a batch of a few thousand messages; larger is refused, not read
+
+Message = tuple[str | None, bytes, dict[str, str], str | None]  # credential, raw body, properties, id
+
+
+class Refused(Exception):
+    """A request answered with an HTTP error and its reason."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+    """The status and JSON answer to one request (header names in lower case, as ASGI gives them)."""
+    started = time.perf_counter()
+    try:
+        _check_content_type(headers.get("content-type", "application/json"))
+        if len(body) > MAX_BODY_BYTES:
+            raise Refused(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
+        items = messages(body, headers)
+        authorization = headers.get("authorization")
+        every_item_signed = authorization is None and all(item[0] for item in items)
+        requester = None if every_item_signed else _device(edge, authorization)
+        incoming = [(_device(edge, token) if token else requester, *rest) for token, *rest in items]
+        try:
+            results = edge.receive(incoming)
+        except (sqlite3.Error, OSError) as error:
+            raise Refused(503, f"could not store the messages durably, send them again: {error}") from None
+    except Refused as refused:
+        return refused.status, orjson.dumps({"detail": refused.detail})
+    edge.metrics.latency.observe(time.perf_counter() - started)
+    single = len(incoming) == 1 and not body.lstrip().startswith(b"[")
+    if single and results[0]["status"] == "refused":
+        return 422, orjson.dumps({"detail": results[0]["reason"]})
+    if single:
+        return 200, orjson.dumps(results[0])
+    if all(result["status"] == "refused" for result in results):
+        return 422, orjson.dumps({"detail": "every message of the batch was refused", "results": results})
+    return 200, orjson.dumps(results)
+
+
+def _check_content_type(value: str) -> None:
+    content_type, _, parameters = value.partition(";")
+    if content_type.strip().lower() != "application/json":
+        raise Refused(415, f"content type {content_type.strip()!r} is not 'application/json'")
+    charset = parameters.strip().removeprefix("charset=").strip().lower()
+    if charset not in ("", "utf-8", "utf8"):
+        raise Refused(415, f"content encoding {charset!r} is not 'utf-8'")
+
+
+def _device(edge: Edge, authorization: str | None) -> str:
+    try:
+        return edge.authenticate(authorization)
+    except AuthError as error:
+        raise Refused(401, error.reason) from None
+
+
+def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
+    """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id).
+
+    A single message takes its id and properties from IoT Hub's REST headers. A batch item is a
+    telemetry body, or an envelope {"body", "properties", "messageId", "authorization"}: a gateway
+    batching many devices' messages gives each its device's SAS token; without one, the item is the
+    requesting device's (credential None).
+    """
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None  # refused by the contract, with its reason
+    if not isinstance(parsed, list):
+        return [(None, body, _header_properties(headers), headers.get("iothub-messageid"))]
+    items: list[Message] = []
+    for index, item in enumerate(parsed):
+        if not isinstance(item, dict):
+            raise Refused(422, f"a batch holds JSON objects (bodies or envelopes); item {index} is not one")
+        if "body" in item:
+            properties = {str(k): str(v) for k, v in (item.get("properties") or {}).items()}
+            items.append(
+                (item.get("authorization"), orjson.dumps(item["body"]), properties, item.get("messageId"))
+            )
+        else:
+            items.append((None, orjson.dumps(item), {}, None))
+    return items
+
+
+def _header_properties(headers: Mapping[str, str]) -> dict[str, str]:
+    """IoT Hub's REST API carries application properties as `iothub-app-NAME` headers."""
+    prefix = "iothub-app-"
+    return {name[len(prefix) :]: value for name, value in headers.items() if name.startswith(prefix)}
+
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class TelemetryEndpoint:
+    """The ASGI app of `POST /telemetry`. It runs in the event loop itself: the work is serialised
+    by the edge's lock anyway, and a hop to a worker thread costs more than the fsync'd commit it
+    would overlap."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY_BYTES or not message.get("more_body"):
+                break
+        status, payload = answer(self.edge, bytes(body), headers)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(payload)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+OPENAPI = {
+    "post": {
+        "summary": "Telemetry",
+        "description": "One message (IoT Hub REST style: id and properties in `iothub-messageid` and "
+        "`iothub-app-*` headers) or a batch, from the device the SAS token names, or in a gateway's "
+        "batch the devices each item's token names. Each message is validated by the contract, scored "
+        "and stored before the answer: its status (scored, duplicate, failure_event, accepted_unscored "
+        "or refused with the contract's reason), the cycle, the RUL p50 with the p10-p90 interval and "
+        "the model version.",
+        "parameters": [
+            {
+                "name": "Authorization",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "The device's SAS token; a gateway's batch may carry one per item instead",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            {"type": "object", "description": "one message body"},
+                            {"type": "array", "items": {"type": "object"}, "description": "a batch"},
+                        ]
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {"description": "each message's result (an object for one, a list for a batch)"},
+            "401": {"description": "no valid SAS token"},
+            "413": {"description": f"a body over {MAX_BODY_BYTES} bytes"},
+            "415": {"description": "not application/json in UTF-8"},
+            "422": {"description": "the message (or every message of the batch) was refused"},
+            "503": {"description": "the messages could not be stored durably: send them again"},
+        },
+    }
+}
