@@ -233,8 +233,9 @@ class Edge:
         self.metrics.model_version.clear()
         self.metrics.model_version.labels(loaded.reference.version, loaded.reference.sha256).set(1)
 
-    def receive(self, messages: list[Incoming]) -> list[dict]:
-        """Validate, score and durably record messages, each of the device its credential named.
+    def receive(self, messages: list[Incoming], durable: bool = True) -> list[dict]:
+        """Validate, score and durably record messages, each of the device its credential named
+        (with `durable` False, durable once `store.synced()` returns).
 
         In-order telemetry (the usual case) is scored as a batch: features for many devices at once
         and one model call, then one commit. A batch with a failure event or a late message is taken
@@ -246,20 +247,20 @@ class Edge:
             telemetry = [c.entry for c in checked if c.scorable]
             failures = any(c.entry is not None and c.entry.failure for c in checked)
             if model is None or self._features is None:
-                self._record(checked)
+                self._record(checked, durable)
             elif not failures and self._features.in_order(telemetry):
                 if telemetry:
                     scores = model.bundle.predict_matrix(self._features.features_many(telemetry))
                     for item, row in zip((c for c in checked if c.scorable), scores, strict=True):
                         item.score(row, model)
-                self._record(checked)
+                self._record(checked, durable)
             else:
                 for item in checked:
                     if item.entry is not None and item.entry.failure:
                         self._features.failure(item.entry.device_id)
                     elif item.scorable:
                         item.score(model.bundle.predict_matrix(self._features.features(item.entry))[0], model)
-                    self._record([item])
+                    self._record([item], durable)
         for status, count in Tally(item.result["status"] for item in checked).items():
             self.metrics.messages.labels(status).inc(count)
         return [item.result for item in checked]
@@ -298,7 +299,7 @@ class Edge:
             item.result["status"] = "failure_event" if failure else "accepted_unscored"
         return checked
 
-    def _record(self, checked: list[_Checked]) -> None:
+    def _record(self, checked: list[_Checked], durable: bool) -> None:
         """Commit what is to be forwarded (and the history it adds) in one transaction."""
         now = format_enqueued_time(datetime.now(UTC))  # one enqueued time for the request
         entries = [
@@ -307,7 +308,7 @@ class Edge:
             if c.forward
         ]
         try:
-            self.store.record(entries)
+            self.store.record(entries, durable)
         except Exception:
             for _, entry in entries:
                 if entry is not None and self._features is not None:  # its state moved on for a lost message

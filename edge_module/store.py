@@ -1,8 +1,13 @@
 """The edge's durable state: the outbox of capture records to forward, and each device's history.
 
-One SQLite file in WAL mode with `synchronous=FULL`: a commit returns only once it is fsync'd, so a
-message acknowledged after `record()` survives SIGKILL and power loss. Callers record small groups,
-so one fsync covers many messages.
+One SQLite file in WAL mode. A commit is durable once the WAL is fsync'd, which a thread of its own
+does for every commit made meanwhile (group commit, `_WalSync`): `record()` returns once its commit
+is fsync'd, or at once with `durable=False` for a caller that awaits `synced()` before it answers,
+so the event loop goes on serving while the disk syncs. A message acknowledged that way survives
+SIGKILL and power loss. Every table and index a commit touches is at least one page
+written to the WAL, so the tables have only the indexes they cannot do without: a message costs
+five pages (seen and its time index, history and its key, the outbox). The WAL is copied into the
+database file by a thread of its own (see `_checkpoint_continually`).
 
 Threads share one connection guarded by a lock. SQLite lets one writer in at a time anyway, and
 every call here is short, so per-thread connections would only add SQLITE_BUSY waits between
@@ -21,7 +26,9 @@ lifetime always, older ones for `dedupe_window_seconds`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -46,7 +53,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     record BLOB NOT NULL,  -- the capture record in Avro's binary encoding (capture.encode_record)
     queued_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_queued_at ON outbox (queued_at);
 CREATE TABLE IF NOT EXISTS shipment (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     name TEXT NOT NULL,
@@ -67,7 +73,6 @@ CREATE TABLE IF NOT EXISTS history (
     vals BLOB NOT NULL,  -- float64 values in MEASUREMENTS order
     PRIMARY KEY (device_id, message_id)
 );
-CREATE INDEX IF NOT EXISTS history_order ON history (device_id, cycle);
 """
 
 
@@ -102,7 +107,95 @@ class Shipment:
 
 
 _OUTBOX_INSERT = "INSERT INTO outbox (record, queued_at) VALUES (?, ?)"
+# Records are queued in time order, so the first is the oldest: no index on queued_at to update
+# on every commit (each index is one more page written per commit).
+_OLDEST = "SELECT (SELECT queued_at FROM outbox ORDER BY seq LIMIT 1)"
 DELETE_CHUNK = 250  # outbox rows deleted per transaction once shipped: commits wait a ms at most
+
+
+class _WalSync:
+    """Group commit: fsyncs the WAL on a thread of its own, one fsync for every commit made while
+    the one before ran. Commits are counted (`committed`); a commit is durable once `wait` or
+    `wait_async` returns for its number. After a failed fsync nothing more is acknowledged: the
+    kernel may have dropped the unwritten pages, so every wait raises that error from then on."""
+
+    def __init__(self, wal: Path) -> None:
+        self._fd = os.open(wal, os.O_RDONLY | os.O_CREAT, 0o600)
+        self._changed = threading.Condition()
+        self._committed = self._synced = 0
+        self._error: OSError | None = None
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="edge-wal-sync", daemon=True)
+        self._thread.start()
+
+    def committed(self) -> int:
+        """Count one more commit (call it after COMMIT); return its number."""
+        with self._changed:
+            self._committed += 1
+            self._changed.notify_all()
+            return self._committed
+
+    def committed_so_far(self) -> int:
+        with self._changed:
+            return self._committed
+
+    def wait(self, number: int) -> None:
+        with self._changed:
+            while self._synced < number and self._error is None:
+                self._changed.wait()
+            if self._synced < number:
+                raise OSError(f"the store's disk failed to sync: {self._error}")
+
+    async def wait_async(self, number: int) -> None:
+        with self._changed:
+            if self._synced >= number:
+                return
+            if self._error is not None:
+                raise OSError(f"the store's disk failed to sync: {self._error}")
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append((number, asyncio.get_running_loop(), future))
+        await future
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._committed == self._synced and not self._closing:
+                    self._changed.wait()
+                if self._committed == self._synced or self._error is not None:
+                    return
+                target = self._committed
+            error = None
+            try:
+                os.fsync(self._fd)
+            except OSError as failure:
+                error = failure
+            with self._changed:
+                if error is None:
+                    self._synced = target
+                else:
+                    self._error = error
+                self._changed.notify_all()
+                settled = [w for w in self._waiters if error is not None or w[0] <= target]
+                self._waiters = [w for w in self._waiters if w not in settled]
+            for _, loop, future in settled:
+                loop.call_soon_threadsafe(_settle, future, error)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._thread.join()
+        os.close(self._fd)
+
+
+def _settle(future: asyncio.Future[None], error: OSError | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(OSError(f"the store's disk failed to sync: {error}"))
 
 
 class EdgeStore:
@@ -122,9 +215,10 @@ class EdgeStore:
         # Autocommit mode: transactions are opened explicitly, so none is left open by accident.
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA synchronous=OFF")  # _WalSync fsyncs the commits
         self._conn.execute("PRAGMA busy_timeout=10000")  # another process (a CLI) may be reading
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+        self._sync = _WalSync(Path(f"{self.path}-wal"))
         with self._transaction() as conn:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -140,8 +234,9 @@ class EdgeStore:
         self._checkpointer.start()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, holding the lock; committed (and fsync'd) on success."""
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the lock; committed on success, and with `durable`
+        fsync'd before this returns (otherwise `synced()` waits for it)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -151,6 +246,13 @@ class EdgeStore:
                 if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
                     self._conn.execute("ROLLBACK")
                 raise
+            ticket = self._sync.committed()
+        if durable:
+            self._sync.wait(ticket)
+
+    async def synced(self) -> None:
+        """Return once every commit made so far is fsync'd; OSError if the disk failed to sync."""
+        await self._sync.wait_async(self._sync.committed_so_far())
 
     def _query(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
         """A read on the writer's connection: it sees what this process just committed."""
@@ -167,6 +269,7 @@ class EdgeStore:
         self._checkpointer.join()
         with self._read_lock:
             self._reader.close()
+        self._sync.close()  # after every commit is synced
         with self._lock:
             self._conn.close()
 
@@ -204,8 +307,11 @@ class EdgeStore:
 
     # --- recording --------------------------------------------------------------------------------
 
-    def record(self, entries: list[tuple[CaptureRecord, HistoryEntry | None]]) -> list[bool]:
-        """Queue each record for forwarding and add its entry to the device history, in one commit.
+    def record(
+        self, entries: list[tuple[CaptureRecord, HistoryEntry | None]], durable: bool = True
+    ) -> list[bool]:
+        """Queue each record for forwarding and add its entry to the device history, in one commit
+        (fsync'd before this returns, unless `durable` is False: see `synced`).
 
         An entry whose (device, message id) was already recorded is a duplicate: nothing of it
         is written and its flag is False. A record without an entry (a malformed message, for
@@ -218,7 +324,7 @@ class EdgeStore:
                     f"{record.device_id}/{record.message_id}"
                 )
         flags: list[bool] = []
-        with self._transaction() as conn:
+        with self._transaction(durable) as conn:
             now = self.clock()
             if self._record_new_telemetry(conn, entries, now):
                 return [True] * len(entries)
@@ -362,18 +468,24 @@ class EdgeStore:
             time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
 
     def expire(self, older_than: float) -> int:
-        """Drop unshipped records queued before `older_than`; return how many (the TTL drops).
+        """Drop the unshipped records queued before `older_than`, in queue order (up to the first
+        one that is not); return how many (the TTL drops).
 
         Called on every poll of the forwarder: the write transaction, which would compete with
-        `record` for the lock, is only opened when the oldest record (an index lookup) is too old.
+        `record` for the lock, is only opened when the oldest record is too old.
         """
-        [(oldest,)] = self._read("SELECT min(queued_at) FROM outbox")
+        [(oldest,)] = self._read(_OLDEST)
         if oldest is None or oldest >= older_than:
             return 0
         with self._transaction() as conn:
-            return conn.execute("DELETE FROM outbox WHERE queued_at < ?", [older_than]).rowcount
+            return conn.execute(
+                "DELETE FROM outbox WHERE seq < coalesce("
+                "(SELECT seq FROM outbox WHERE queued_at >= ? ORDER BY seq LIMIT 1), 9223372036854775807)",
+                [older_than],
+            ).rowcount
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""
-        [(count, oldest)] = self._read("SELECT count(*), min(queued_at) FROM outbox")
+        [(count,)] = self._read("SELECT count(*) FROM outbox")
+        [(oldest,)] = self._read(_OLDEST)
         return count, oldest

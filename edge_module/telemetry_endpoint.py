@@ -34,8 +34,12 @@ class Refused(Exception):
         self.detail = detail
 
 
-def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
-    """The status and JSON answer to one request (header names in lower case, as ASGI gives them)."""
+async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+    """The status and JSON answer to one request (header names in lower case, as ASGI gives them).
+
+    The messages are recorded in the event loop itself (the work is serialised by the edge's lock
+    anyway, and a hop to a worker thread costs more than it would overlap); the answer waits for
+    the store's group fsync, during which the loop serves other requests."""
     started = time.perf_counter()
     try:
         _check_content_type(headers.get("content-type", "application/json"))
@@ -47,7 +51,8 @@ def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[int, by
         requester = None if every_item_signed else _device(edge, authorization)
         incoming = [(_device(edge, token) if token else requester, *rest) for token, *rest in items]
         try:
-            results = edge.receive(incoming)
+            results = edge.receive(incoming, durable=False)
+            await edge.store.synced()
         except (sqlite3.Error, OSError) as error:
             raise Refused(503, f"could not store the messages durably, send them again: {error}") from None
     except Refused as refused:
@@ -118,9 +123,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class TelemetryEndpoint:
-    """The ASGI app of `POST /telemetry`. It runs in the event loop itself: the work is serialised
-    by the edge's lock anyway, and a hop to a worker thread costs more than the fsync'd commit it
-    would overlap."""
+    """The ASGI app of `POST /telemetry`."""
 
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -133,7 +136,7 @@ class TelemetryEndpoint:
             body += message.get("body", b"")
             if len(body) > MAX_BODY_BYTES or not message.get("more_body"):
                 break
-        status, payload = answer(self.edge, bytes(body), headers)
+        status, payload = await answer(self.edge, bytes(body), headers)
         await send(
             {
                 "type": "http.response.start",
