@@ -43,6 +43,7 @@ from turbofan_core.capture import CaptureRecord, encode_record
 from turbofan_core.telemetry import MEASUREMENTS
 
 DEFAULT_DEDUPE_WINDOW_SECONDS = 7 * 24 * 3600.0
+FORMAT = "2"  # 2: the outbox holds Avro-encoded records
 CHECKPOINT_SECONDS = 0.5
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,24 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (device_id, message_id)
 );
 """
+
+
+class StoreFormatError(RuntimeError):
+    """A state folder whose store was written in another format by another version of the edge."""
+
+
+def _check_format(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a store of another format, rather than fail on every request (or lose its outbox)."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return  # a new store
+    rows = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchall() if "meta" in tables else []
+    found = rows[0][0] if rows else "1"  # the first format had no version
+    if found != FORMAT:
+        raise StoreFormatError(
+            f"{path} is an edge store of format {found}, this edge writes format {FORMAT}: start the "
+            "edge version that wrote it until its outbox is shipped, then move the file away"
+        )
 
 
 @dataclass(frozen=True)
@@ -219,12 +238,19 @@ class EdgeStore:
         self._conn.execute("PRAGMA busy_timeout=10000")  # another process (a CLI) may be reading
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         self._sync = _WalSync(Path(f"{self.path}-wal"))
-        with self._transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
-            [(self.store_id,)] = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchall()
+        try:
+            with self._transaction() as conn:
+                _check_format(conn, self.path)
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", [FORMAT])
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
+                [(self.store_id,)] = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchall()
+        except BaseException:
+            self._sync.close()
+            self._conn.close()
+            raise
         # Reads for the forwarder and metrics on their own connection: in WAL mode they neither wait
         # for the writer nor hold it up.
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

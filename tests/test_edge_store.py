@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from edge_module.forwarder import Forwarder
-from edge_module.store import EdgeStore, HistoryEntry
+from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError
 from turbofan_core.capture import CaptureRecord, avro_file, device_message, read_capture
 from turbofan_core.storage import LocalStore, ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, encode_body
@@ -155,6 +156,23 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
         store.record([telemetry("A", "m4", 4)])
         # Sequence numbers never come back, even once the outbox was empty: files are named by them.
         assert [seq for seq, _, _ in store.take(10)] == [5]
+
+
+def test_a_store_of_another_format_is_refused_at_start_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "edge.sqlite"
+    with sqlite3.connect(path) as old:  # the first format: no version, the outbox in columns
+        old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        old.execute("INSERT INTO meta VALUES ('store_id', 'abc')")
+        old.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, enqueued_time_utc TEXT, body BLOB)")
+        old.execute("INSERT INTO outbox VALUES (1, '2026-11-27T00:00:00.0000000Z', x'7b7d')")
+    with pytest.raises(StoreFormatError, match="format 1, this edge writes format 2"):
+        EdgeStore(path)
+    with sqlite3.connect(path) as old:
+        assert old.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    with EdgeStore(tmp_path / "new.sqlite"):
+        pass
+    with EdgeStore(tmp_path / "new.sqlite") as reopened:  # its own format opens again
+        assert reopened.backlog() == (0, None)
 
 
 def test_threads_share_one_store(store: EdgeStore) -> None:
