@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import FastAPI, Header, HTTPException, Response
-from fastapi.openapi.utils import get_openapi
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -367,9 +366,8 @@ def create_app(config: EdgeConfig) -> FastAPI:
     def openapi() -> dict[str, Any]:
         """FastAPI's document, with the telemetry route it does not serve itself."""
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
             schema["paths"] = {"/telemetry": telemetry_endpoint.OPENAPI, **schema["paths"]}
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -9,9 +9,10 @@ written to the WAL, so the tables have only the indexes they cannot do without: 
 five pages (seen and its time index, history and its key, the outbox). The WAL is copied into the
 database file by a thread of its own (see `_checkpoint_continually`).
 
-Threads share one connection guarded by a lock. SQLite lets one writer in at a time anyway, and
-every call here is short, so per-thread connections would only add SQLITE_BUSY waits between
-threads of one process, and connections nobody can close when their thread ends.
+Writes from every thread share one connection guarded by a lock: SQLite lets one writer in at a
+time anyway, and per-thread connections would only add SQLITE_BUSY waits between threads of one
+process. Reads for other threads (the forwarder, metrics) use a second connection, which in WAL
+mode neither waits for the writer nor holds it up; the checkpointer has its own.
 
 The outbox's sequence numbers are AUTOINCREMENT: they never repeat, even once every row has been
 shipped and deleted, because the forwarder names landing-zone files by them and a reused number
@@ -128,7 +129,7 @@ class Shipment:
 _OUTBOX_INSERT = "INSERT INTO outbox (record, queued_at) VALUES (?, ?)"
 # Records are queued in time order, so the first is the oldest: no index on queued_at to update
 # on every commit (each index is one more page written per commit).
-_OLDEST = "SELECT (SELECT queued_at FROM outbox ORDER BY seq LIMIT 1)"
+_OLDEST = "SELECT queued_at FROM outbox ORDER BY seq LIMIT 1"
 DELETE_CHUNK = 250  # outbox rows deleted per transaction once shipped: commits wait a ms at most
 
 
@@ -151,6 +152,8 @@ class _WalSync:
     def committed(self) -> int:
         """Count one more commit (call it after COMMIT); return its number."""
         with self._changed:
+            if self._closing:
+                raise RuntimeError("the store is closed")
             self._committed += 1
             self._changed.notify_all()
             return self._committed
@@ -161,8 +164,8 @@ class _WalSync:
 
     def wait(self, number: int) -> None:
         with self._changed:
-            while self._synced < number and self._error is None:
-                self._changed.wait()
+            while self._synced < number and self._error is None and self._thread.is_alive():
+                self._changed.wait(1.0)
             if self._synced < number:
                 raise OSError(f"the store's disk failed to sync: {self._error}")
 
@@ -177,6 +180,18 @@ class _WalSync:
         await future
 
     def _run(self) -> None:
+        try:
+            self._sync_until_closed()
+        except BaseException as error:  # a bug here must fail the waits, never hang them
+            with self._changed:
+                self._error = OSError(f"the WAL sync thread stopped: {error!r}")
+                self._changed.notify_all()
+                waiting, self._waiters = self._waiters, []
+            for _, loop, future in waiting:
+                _settle_threadsafe(loop, future, self._error)
+            raise
+
+    def _sync_until_closed(self) -> None:
         while True:
             with self._changed:
                 while self._committed == self._synced and not self._closing:
@@ -198,7 +213,7 @@ class _WalSync:
                 settled = [w for w in self._waiters if error is not None or w[0] <= target]
                 self._waiters = [w for w in self._waiters if w not in settled]
             for _, loop, future in settled:
-                loop.call_soon_threadsafe(_settle, future, error)
+                _settle_threadsafe(loop, future, error)
 
     def close(self) -> None:
         with self._changed:
@@ -206,6 +221,15 @@ class _WalSync:
             self._changed.notify_all()
         self._thread.join()
         os.close(self._fd)
+
+
+def _settle_threadsafe(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], error: OSError | None
+) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, future, error)
+    except RuntimeError:  # the waiter's event loop is closed: nobody awaits the answer any more
+        pass
 
 
 def _settle(future: asyncio.Future[None], error: OSError | None) -> None:
@@ -234,7 +258,9 @@ class EdgeStore:
         # Autocommit mode: transactions are opened explicitly, so none is left open by accident.
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=OFF")  # _WalSync fsyncs the commits
+        # NORMAL: in WAL mode a commit is not fsync'd (_WalSync does that for every commit made
+        # meanwhile), but a WAL restart and the checkpoint at the last close are.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=10000")  # another process (a CLI) may be reading
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         self._sync = _WalSync(Path(f"{self.path}-wal"))
@@ -295,8 +321,8 @@ class EdgeStore:
         self._checkpointer.join()
         with self._read_lock:
             self._reader.close()
-        self._sync.close()  # after every commit is synced
-        with self._lock:
+        with self._lock:  # no commit starts from here on
+            self._sync.close()  # once every commit is synced
             self._conn.close()
 
     def _checkpoint_continually(self) -> None:
@@ -310,6 +336,7 @@ class EdgeStore:
         beginning instead of growing it.
         """
         conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA synchronous=FULL")  # the WAL before, the database file after each copy
         try:
             while not self._closing.wait(CHECKPOINT_SECONDS):
                 try:
@@ -500,7 +527,7 @@ class EdgeStore:
         Called on every poll of the forwarder: the write transaction, which would compete with
         `record` for the lock, is only opened when the oldest record is too old.
         """
-        [(oldest,)] = self._read(_OLDEST)
+        [(oldest,)] = self._read(f"SELECT ({_OLDEST})")
         if oldest is None or oldest >= older_than:
             return 0
         with self._transaction() as conn:
@@ -512,6 +539,5 @@ class EdgeStore:
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""
-        [(count,)] = self._read("SELECT count(*) FROM outbox")
-        [(oldest,)] = self._read(_OLDEST)
+        [(count, oldest)] = self._read(f"SELECT count(*), ({_OLDEST}) FROM outbox")
         return count, oldest

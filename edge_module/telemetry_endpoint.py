@@ -103,10 +103,18 @@ def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
         if not isinstance(item, dict):
             raise Refused(422, f"a batch holds JSON objects (bodies or envelopes); item {index} is not one")
         if "body" in item:
-            properties = {str(k): str(v) for k, v in (item.get("properties") or {}).items()}
-            items.append(
-                (item.get("authorization"), orjson.dumps(item["body"]), properties, item.get("messageId"))
+            properties, message_id, token = (
+                item.get("properties") or {},
+                item.get("messageId"),
+                item.get("authorization"),
             )
+            if not isinstance(properties, dict):
+                raise Refused(422, f"item {index}: properties must be a JSON object")
+            for name, value in (("messageId", message_id), ("authorization", token)):
+                if value is not None and not isinstance(value, str):
+                    raise Refused(422, f"item {index}: {name} must be a string")
+            properties = {str(k): str(v) for k, v in properties.items()}
+            items.append((token, orjson.dumps(item["body"]), properties, message_id))
         else:
             items.append((None, orjson.dumps(item), {}, None))
     return items
@@ -133,6 +141,8 @@ class TelemetryEndpoint:
         body = bytearray()
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":  # the client left mid-upload: nothing to answer
+                return
             body += message.get("body", b"")
             if len(body) > MAX_BODY_BYTES or not message.get("more_body"):
                 break

@@ -15,6 +15,7 @@ import pytest
 
 from turbofan_core._iothub_avro import decode_records
 from turbofan_core.capture import (
+    AVRO_SCHEMA,
     DEVICE_ID,
     CaptureColumns,
     CaptureRecord,
@@ -22,6 +23,7 @@ from turbofan_core.capture import (
     device_message,
     encode_avro,
     encode_json_lines,
+    encode_record,
     read_capture,
     read_columns,
 )
@@ -59,6 +61,23 @@ def test_avro_columns_hold_what_the_record_reader_reads(codec: str) -> None:
     assert columns == columns_of(read_capture(data))
     assert columns.properties[0] is None and columns.properties[2] == {"type": "telemetry", "v": "1.2"}
     assert columns.message_ids[:2] == [None, "m-192"]
+
+
+def test_records_are_encoded_byte_for_byte_as_fastavro_encodes_them() -> None:
+    unusual = CaptureRecord("2026-11-27T08:00:00.0000000Z", None, {"ünï": "çødé" * 40}, {})
+    for record in [*RECORDS, unusual]:
+        expected = io.BytesIO()
+        fastavro.schemaless_writer(
+            expected,
+            fastavro.parse_schema(AVRO_SCHEMA),
+            {
+                "EnqueuedTimeUtc": record.enqueued_time_utc,
+                "Properties": record.properties,
+                "SystemProperties": record.system_properties,
+                "Body": record.body,
+            },
+        )
+        assert encode_record(record) == expected.getvalue()
 
 
 def test_json_lines_columns_hold_what_the_record_reader_reads() -> None:

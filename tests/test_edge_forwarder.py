@@ -113,7 +113,7 @@ def test_a_crash_between_creating_and_confirming_a_file_resends_it_under_the_sam
         assert landing_ids(landing) == sent + later
 
 
-def test_a_shipped_file_leaves_the_outbox_in_chunks_and_a_crash_between_them_finishes_on_restart(
+def test_a_shipped_file_leaves_the_outbox_and_a_crash_midway_through_its_deletes_finishes_on_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "DELETE_CHUNK", 2)

@@ -241,6 +241,34 @@ def test_oversized_and_wrongly_typed_bodies_are_refused(edge: Edge) -> None:
     assert edge.call("POST", "/telemetry", headers=headers, raw=b"{}")[0] == 415
 
 
+def test_malformed_batch_envelopes_get_a_422_with_the_item_and_field(edge: Edge) -> None:
+    body = {"CycleTime": 1, **dict.fromkeys(FIELDS[1:], 1.0)}
+    for envelope, reason in [
+        ({"body": body, "messageId": 123}, "item 0: messageId must be a string"),
+        ({"body": body, "properties": ["a"]}, "item 0: properties must be a JSON object"),
+        ({"body": body, "authorization": 5}, "item 0: authorization must be a string"),
+    ]:
+        status, answer = edge.send(DEVICES[0], [envelope])
+        assert (status, answer["detail"]) == (422, reason)
+
+
+def test_a_client_that_leaves_mid_upload_records_nothing(edge: Edge) -> None:
+    def counted() -> float:
+        with urllib.request.urlopen(edge.url + "/metrics", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith("edge_messages_total"))
+
+    before = counted()
+    token = edge.token(DEVICES[0])["Authorization"]
+    host, port = edge.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = "POST /telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += f"Authorization: {token}\r\nContent-Length: 1000\r\n\r\n"
+        sock.sendall(head.encode() + b'{"CycleTime": 1, "Sens')
+    time.sleep(0.5)
+    assert counted() == before
+
+
 def test_bad_bundles_are_refused_while_the_old_model_serves_then_rollback(
     edge: Edge, bundles, tmp_path: Path, test_units: pd.DataFrame
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -17,7 +18,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from edge_module.forwarder import Forwarder
-from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError
+from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError, _WalSync
 from turbofan_core.capture import CaptureRecord, avro_file, device_message, read_capture
 from turbofan_core.storage import LocalStore, ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, encode_body
@@ -156,6 +157,33 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
         store.record([telemetry("A", "m4", 4)])
         # Sequence numbers never come back, even once the outbox was empty: files are named by them.
         assert [seq for seq, _, _ in store.take(10)] == [5]
+
+
+def test_after_a_failed_fsync_no_commit_is_acknowledged() -> None:
+    sync = _WalSync(Path("/dev/null"))  # fsync of /dev/null fails (EINVAL): a real failing disk call
+    try:
+        first = sync.committed()
+        with pytest.raises(OSError, match="failed to sync"):
+            sync.wait(first)
+        with pytest.raises(OSError, match="failed to sync"):
+            sync.wait(first)  # and every later wait, sync or async: nothing is acknowledged any more
+        with pytest.raises(OSError, match="failed to sync"):
+            asyncio.run(sync.wait_async(first))
+    finally:
+        sync.close()
+
+
+def test_a_commit_is_acknowledged_once_the_wal_is_synced(tmp_path: Path) -> None:
+    async def record_then_wait(store: EdgeStore) -> list[bool]:
+        flags = store.record([telemetry("A", "m1", 1)], durable=False)
+        await store.synced()
+        return flags
+
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+        assert asyncio.run(record_then_wait(store)) == [True]
+        assert store.record([telemetry("A", "m2", 2)]) == [True]  # durable: returns once synced
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+        assert cycles(store, "A") == [1, 2]
 
 
 def test_a_store_of_another_format_is_refused_at_start_and_left_as_it_is(tmp_path: Path) -> None:

@@ -109,6 +109,20 @@ def test_a_tree_whose_walk_would_not_end_or_read_past_the_row_is_refused() -> No
             TreeEnsemble([model])
 
 
+def test_a_tree_of_an_output_the_model_does_not_have_is_refused() -> None:
+    booster, _ = _train({"max_depth": 3}, rounds=2)
+    model = read_model(bytes(booster.save_raw("json")))
+    model["learner"]["gradient_booster"]["model"]["tree_info"][1] = 1_000_000  # would write past the output
+    with pytest.raises(UnsupportedModel, match="output 1000000"):
+        TreeEnsemble([model])
+
+
+def test_a_ubjson_container_of_items_without_payload_is_refused() -> None:
+    for kind in (b"Z", b"T"):
+        with pytest.raises(ValueError, match="UBJSON: a container"):
+            read_model(b"[$" + kind + b"#L" + (1 << 40).to_bytes(8, "big"))
+
+
 def test_a_truncated_model_file_is_an_error_not_a_crash() -> None:
     booster, _ = _train({"max_depth": 3}, rounds=2)
     data = bytes(booster.save_raw("ubj"))
@@ -123,3 +137,5 @@ def test_a_bundle_of_models_the_walk_cannot_score_is_refused(fleet: pd.DataFrame
     dart = xgb.train({"booster": "dart", "max_depth": 2}, xgb.DMatrix(x, label=x[:, 0]), 3)
     with pytest.raises(BundleError, match="dart"):
         dataclasses.replace(good, point=bytes(dart.save_raw("ubj")))
+    with pytest.raises(BundleError, match=r"give \[2, 1\] outputs"):  # the models swapped
+        dataclasses.replace(good, point=good.quantile_model, quantile_model=good.point)

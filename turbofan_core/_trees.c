@@ -12,7 +12,8 @@
  *
  * The caller (turbofan_core/trees.py) lays the trees out (see Node) and checks them before handing
  * them over: every child index lies inside the tree, every split feature below `width`, every
- * depth true. Here only the buffer sizes are checked. The walk runs without the GIL.
+ * depth true. Here the buffer sizes and each tree's root, depth and output are checked. The walk
+ * runs without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -67,11 +68,22 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
         return NULL;
     Py_ssize_t nodes = b[NODES].len / (Py_ssize_t)sizeof(Node), trees = b[ROOTS].len / 4;
     Py_ssize_t outputs = b[BASE].len / 4, rows = width > 0 ? b[X].len / 4 / width : 0;
-    if (width <= 0 || size_is(&b[X], rows * width, 4, "x") < 0 ||
+    if (width <= 0) {
+        PyErr_SetString(PyExc_ValueError, "width must be positive");
+        goto done;
+    }
+    if (size_is(&b[X], rows * width, 4, "x") < 0 ||
         size_is(&b[NODES], nodes, sizeof(Node), "nodes") < 0 || size_is(&b[ROOTS], trees, 4, "roots") < 0 ||
         size_is(&b[DEPTHS], trees, 4, "depths") < 0 ||
         size_is(&b[OUTPUTS], trees, 4, "outputs") < 0 || size_is(&b[OUT], rows * outputs, 4, "out") < 0)
         goto done;
+    for (Py_ssize_t t = 0; t < trees; t++) { /* once per tree, outside the walk */
+        const int32_t *roots = b[ROOTS].buf, *depths = b[DEPTHS].buf, *tree_output = b[OUTPUTS].buf;
+        if (roots[t] < 0 || roots[t] >= nodes || depths[t] < 0 || tree_output[t] < 0 || tree_output[t] >= outputs) {
+            PyErr_Format(PyExc_ValueError, "tree %zd: root, depth or output out of range", t);
+            goto done;
+        }
+    }
     {
         const float *x = b[X].buf, *base = b[BASE].buf;
         const Node *node = b[NODES].buf;

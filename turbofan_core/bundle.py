@@ -94,10 +94,10 @@ class ModelBundle:
             taken = int(model["learner"]["learner_model_param"]["num_feature"])
             if taken != width:
                 raise BundleError(f"{name} model takes {taken} features, the spec makes {width}")
-        if self._trees.num_outputs != 1 + len(self.quantiles):
+        if self._trees.model_outputs != [1, len(self.quantiles)]:
             raise BundleError(
-                f"the models give {self._trees.num_outputs} outputs, expected the point estimate "
-                f"and {len(self.quantiles)} quantiles"
+                f"the models give {self._trees.model_outputs} outputs, expected 1 (the point estimate) "
+                f"and {len(self.quantiles)} (the quantiles)"
             )
 
     def manifest(self) -> dict[str, Any]:
@@ -162,8 +162,8 @@ class ModelBundle:
         """Both model files as XGBoost's JSON model documents."""
         try:
             return read_model(self.point), read_model(self.quantile_model)
-        except (ValueError, KeyError, UnicodeDecodeError) as error:
-            raise BundleError(f"a model file is unreadable: {error}") from None
+        except (ValueError, KeyError, UnicodeDecodeError, RecursionError) as error:
+            raise BundleError(f"a model file is unreadable: {type(error).__name__}: {error}") from None
 
     @cached_property
     def _trees(self) -> TreeEnsemble:

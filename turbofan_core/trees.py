@@ -107,13 +107,19 @@ class _Ubjson:
                 raise ValueError("UBJSON: a typed container without a count")
         if marker == b"#":
             count, pos = self._count(after)
+            if count > len(self.data) - pos and kind not in self._NUMBERS:  # every item takes a byte
+                raise ValueError("UBJSON: a container count larger than the document")
+        if kind in (b"T", b"F", b"Z", b"N"):
+            raise ValueError(f"UBJSON: a container typed {kind!r}, which XGBoost never writes")
         if not is_object and kind in self._NUMBERS and count is not None:
             dtype = self._NUMBERS[kind]
             end = self._bounded(pos + count * dtype.itemsize)
             return np.frombuffer(self.data[pos:end], dtype).astype(dtype.newbyteorder("=")), end
         items: list[Any] = []
         result: dict[str, Any] = {}
-        while count is None or len(items) + len(result) < count:
+        taken = 0  # items or entries read (a repeated key does not grow `result`)
+        while count is None or taken < count:
+            taken += 1
             if count is None:
                 marker, after = self._marker(pos)
                 if marker == (b"}" if is_object else b"]"):
@@ -134,6 +140,7 @@ class TreeEnsemble:
         """`models`: XGBoost model documents (`read_model`), all taking the same features."""
         trees: list[dict[str, Any]] = []
         outputs: list[int] = []
+        self.model_outputs: list[int] = []  # how many outputs each model gives, in order
         base_scores: list[float] = []
         widths = set()
         for model in models:
@@ -147,7 +154,13 @@ class TreeEnsemble:
             widths.add(int(parameters["num_feature"]))
             scores = str(parameters["base_score"]).strip("[]").split(",")
             forest = learner["gradient_booster"]["model"]
+            if len(scores) != int(parameters.get("num_target", 1)):
+                raise UnsupportedModel(
+                    f"{len(scores)} base scores for {parameters.get('num_target')} targets"
+                )
             for tree, group in zip(forest["trees"], forest["tree_info"], strict=True):
+                if not 0 <= int(group) < len(scores):
+                    raise UnsupportedModel(f"a tree of output {group}, of {len(scores)}")
                 if any(np.asarray(tree.get("split_type", ()))):
                     raise UnsupportedModel("categorical splits")
                 if int(tree["tree_param"].get("size_leaf_vector", 1)) > 1:
@@ -155,6 +168,7 @@ class TreeEnsemble:
                 trees.append(tree)
                 outputs.append(len(base_scores) + int(group))
             base_scores.extend(float(score) for score in scores)
+            self.model_outputs.append(len(scores))
         if len(widths) != 1:
             raise UnsupportedModel(f"models take different numbers of features: {sorted(widths)}")
         self.num_features = widths.pop()
@@ -185,8 +199,9 @@ def _layout(tree: dict[str, Any], width: int) -> tuple[np.ndarray, int]:
 
     Breadth first from the root, so each node's children are adjacent (left, then right) and a
     leaf points to itself (see Node in _trees.c). Only nodes reached from the root are kept; a
-    tree whose children are out of range, or reached twice, or whose splits read a feature the
-    rows do not have, is refused: the C walk trusts these indices.
+    tree whose children are out of range, whose walk would not end (more nodes reached than the
+    tree has: a cycle), or whose splits read a feature the rows do not have, is refused: the C
+    walk trusts these indices.
     """
     left, right = np.asarray(tree["left_children"]).tolist(), np.asarray(tree["right_children"]).tolist()
     features = np.asarray(tree["split_indices"]).tolist()
