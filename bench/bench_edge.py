@@ -8,7 +8,8 @@ pipeline's grid), starts `turbofan edge serve` with 200 registered devices, and 
 - batch throughput: POST /telemetry batches of 500 messages from 100 devices (a gateway's batch:
   each item carries its device's SAS token), from two connections with 100 devices each;
 - the floor, in the same run: XGBoost's own one-row prediction of both models (and, beside it,
-  `ModelBundle.predict_matrix` on one row, which walks the trees in C: turbofan_core/trees.py).
+  `ModelBundle.predict_matrix` on one row, which walks the trees in C: turbofan_core/trees.py);
+- the disk's own floor for a durable answer: a 4 kB append and fsync in the state folder, alone.
 
 Devices replay FD001 test units with ever-increasing cycles; a device's messages always travel on
 one connection, so they arrive in order. Requests are encoded before the clock starts and sent on
@@ -215,6 +216,24 @@ def _in_threads(target: Callable[[int], None], n: int) -> None:
         thread.join()
 
 
+def fsync_ms(folder: Path, repeats: int = 2000) -> tuple[float, float]:
+    """p50 and p99 of a 4 kB append and fsync in `folder`: the disk's own floor for a durable commit."""
+    path = folder / "fsync-probe"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(repeats):
+            os.write(fd, b"x" * 4096)
+            start = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+    p50, p99 = np.percentile(times, [50, 99]) * 1e3
+    return float(p50), float(p99)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -247,6 +266,8 @@ def main() -> None:
         floor = one_row_ms(xgboost_one_row(bundle), rows)
         walk = one_row_ms(bundle.predict_matrix, rows)  # what the service calls: the tree walk
         print(f"one row, both models: XGBoost {floor:.3f} ms, the service's tree walk {walk:.3f} ms")
+        disk_p50, disk_p99 = fsync_ms(root / "state")
+        print(f"the state folder's disk, 4 kB append + fsync: p50 {disk_p50:.2f}, p99 {disk_p99:.2f} ms")
 
         port = free_port()
         server = subprocess.Popen(
@@ -295,6 +316,7 @@ def main() -> None:
     print(json.dumps({
         "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3), "max_rate_per_s": round(max_rate),
         "batch_per_s": round(batch_rate), "floor_ms": round(floor, 4), "walk_ms": round(walk, 4),
+        "fsync_p50_ms": round(disk_p50, 3), "fsync_p99_ms": round(disk_p99, 3),
     }))  # fmt: skip
 
 
