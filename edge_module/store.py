@@ -130,6 +130,7 @@ _OUTBOX_INSERT = "INSERT INTO outbox (record, queued_at) VALUES (?, ?)"
 # Records are queued in time order, so the first is the oldest: no index on queued_at to update
 # on every commit (each index is one more page written per commit).
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY seq LIMIT 1"
+_LAST_SEQ = 2**63 - 1  # SQLite's largest integer: no upper bound on a sequence number
 DELETE_CHUNK = 250  # outbox rows deleted per transaction once shipped: commits wait a ms at most
 
 
@@ -164,19 +165,20 @@ class _WalSync:
 
     def wait(self, number: int) -> None:
         with self._changed:
-            while self._synced < number and self._error is None and self._thread.is_alive():
-                self._changed.wait(1.0)
+            while self._synced < number and self._error is None:
+                self._changed.wait()
             if self._synced < number:
-                raise OSError(f"the store's disk failed to sync: {self._error}")
+                raise _sync_failed(self._error)
 
     async def wait_async(self, number: int) -> None:
         with self._changed:
             if self._synced >= number:
                 return
             if self._error is not None:
-                raise OSError(f"the store's disk failed to sync: {self._error}")
-            future = asyncio.get_running_loop().create_future()
-            self._waiters.append((number, asyncio.get_running_loop(), future))
+                raise _sync_failed(self._error)
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            self._waiters.append((number, loop, future))
         await future
 
     def _run(self) -> None:
@@ -238,7 +240,11 @@ def _settle(future: asyncio.Future[None], error: OSError | None) -> None:
     if error is None:
         future.set_result(None)
     else:
-        future.set_exception(OSError(f"the store's disk failed to sync: {error}"))
+        future.set_exception(_sync_failed(error))
+
+
+def _sync_failed(error: OSError | None) -> OSError:
+    return OSError(f"the store's disk failed to sync: {error}")
 
 
 class EdgeStore:
@@ -485,7 +491,7 @@ class EdgeStore:
         seq, the record encoded (`capture.avro_file` makes them a file), queued_at."""
         return self._read(
             "SELECT seq, record, queued_at FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            [after_seq, 2**63 - 1 if up_to_seq is None else up_to_seq, limit],
+            [after_seq, _LAST_SEQ if up_to_seq is None else up_to_seq, limit],
         )
 
     def begin_shipment(self, shipment: Shipment) -> None:
@@ -533,8 +539,8 @@ class EdgeStore:
         with self._transaction() as conn:
             return conn.execute(
                 "DELETE FROM outbox WHERE seq < coalesce("
-                "(SELECT seq FROM outbox WHERE queued_at >= ? ORDER BY seq LIMIT 1), 9223372036854775807)",
-                [older_than],
+                "(SELECT seq FROM outbox WHERE queued_at >= ? ORDER BY seq LIMIT 1), ?)",
+                [older_than, _LAST_SEQ],
             ).rowcount
 
     def backlog(self) -> tuple[int, float | None]:

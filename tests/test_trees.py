@@ -12,6 +12,7 @@ import xgboost as xgb
 from test_bundle import make_bundle
 
 from turbofan_core.bundle import BundleError
+from turbofan_core.features import FeatureSpec
 from turbofan_core.trees import TreeEnsemble, UnsupportedModel, read_model
 
 
@@ -137,5 +138,9 @@ def test_a_bundle_of_models_the_walk_cannot_score_is_refused(fleet: pd.DataFrame
     dart = xgb.train({"booster": "dart", "max_depth": 2}, xgb.DMatrix(x, label=x[:, 0]), 3)
     with pytest.raises(BundleError, match="dart"):
         dataclasses.replace(good, point=bytes(dart.save_raw("ubj")))
+    narrower = FeatureSpec(sensors=("Sensor2",), windows=(5,), statistics=("mean",), ewm_alphas=())
+    width, narrow = len(good.spec.feature_names), len(narrower.feature_names)
+    with pytest.raises(BundleError, match=rf"take {width} features, the spec makes {narrow}"):
+        dataclasses.replace(good, spec=narrower)
     with pytest.raises(BundleError, match=r"give \[2, 1\] outputs"):  # the models swapped
         dataclasses.replace(good, point=good.quantile_model, quantile_model=good.point)

@@ -77,8 +77,8 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
         size_is(&b[DEPTHS], trees, 4, "depths") < 0 ||
         size_is(&b[OUTPUTS], trees, 4, "outputs") < 0 || size_is(&b[OUT], rows * outputs, 4, "out") < 0)
         goto done;
+    const int32_t *roots = b[ROOTS].buf, *depths = b[DEPTHS].buf, *tree_output = b[OUTPUTS].buf;
     for (Py_ssize_t t = 0; t < trees; t++) { /* once per tree, outside the walk */
-        const int32_t *roots = b[ROOTS].buf, *depths = b[DEPTHS].buf, *tree_output = b[OUTPUTS].buf;
         if (roots[t] < 0 || roots[t] >= nodes || depths[t] < 0 || tree_output[t] < 0 || tree_output[t] >= outputs) {
             PyErr_Format(PyExc_ValueError, "tree %zd: root, depth or output out of range", t);
             goto done;
@@ -87,7 +87,6 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
     {
         const float *x = b[X].buf, *base = b[BASE].buf;
         const Node *node = b[NODES].buf;
-        const int32_t *roots = b[ROOTS].buf, *depths = b[DEPTHS].buf, *tree_output = b[OUTPUTS].buf;
         float *out = b[OUT].buf;
         Py_BEGIN_ALLOW_THREADS;
         for (Py_ssize_t r = 0; r < rows; r++)

@@ -90,10 +90,8 @@ class ModelBundle:
         object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
         object.__setattr__(self, "quantile_offsets", tuple(float(o) for o in self.quantile_offsets))
         width = len(self.spec.feature_names)
-        for name, model in (("point", self._models[0]), ("quantile", self._models[1])):
-            taken = int(model["learner"]["learner_model_param"]["num_feature"])
-            if taken != width:
-                raise BundleError(f"{name} model takes {taken} features, the spec makes {width}")
+        if self._trees.num_features != width:  # both models take the same number (TreeEnsemble)
+            raise BundleError(f"the models take {self._trees.num_features} features, the spec makes {width}")
         if self._trees.model_outputs != [1, len(self.quantiles)]:
             raise BundleError(
                 f"the models give {self._trees.model_outputs} outputs, expected 1 (the point estimate) "

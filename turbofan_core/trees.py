@@ -154,19 +154,18 @@ class TreeEnsemble:
             widths.add(int(parameters["num_feature"]))
             scores = str(parameters["base_score"]).strip("[]").split(",")
             forest = learner["gradient_booster"]["model"]
-            if len(scores) != int(parameters.get("num_target", 1)):
-                raise UnsupportedModel(
-                    f"{len(scores)} base scores for {parameters.get('num_target')} targets"
-                )
-            for tree, group in zip(forest["trees"], forest["tree_info"], strict=True):
-                if not 0 <= int(group) < len(scores):
+            targets = int(parameters.get("num_target", 1))
+            if len(scores) != targets:
+                raise UnsupportedModel(f"{len(scores)} base scores for {targets} targets")
+            for tree, group in zip(forest["trees"], map(int, forest["tree_info"]), strict=True):
+                if not 0 <= group < len(scores):
                     raise UnsupportedModel(f"a tree of output {group}, of {len(scores)}")
                 if any(np.asarray(tree.get("split_type", ()))):
                     raise UnsupportedModel("categorical splits")
                 if int(tree["tree_param"].get("size_leaf_vector", 1)) > 1:
                     raise UnsupportedModel("vector leaves (multi_output_tree)")
                 trees.append(tree)
-                outputs.append(len(base_scores) + int(group))
+                outputs.append(len(base_scores) + group)
             base_scores.extend(float(score) for score in scores)
             self.model_outputs.append(len(scores))
         if len(widths) != 1:
@@ -224,7 +223,7 @@ def _layout(tree: dict[str, Any], width: int) -> tuple[np.ndarray, int]:
     nodes = np.zeros(len(order), dtype=_NODE)
     nodes["left"] = children
     nodes["feature"] = np.where(leaf, _LEAF, np.asarray(features)[old]) | np.where(
-        np.asarray(default_left, dtype=bool)[old] | leaf, _DEFAULT_LEFT, 0
+        np.asarray(default_left, dtype=bool)[old], _DEFAULT_LEFT, 0
     )
     nodes["split"] = np.where(leaf, 0, conditions[old])
     nodes["leaf"] = np.where(leaf, conditions[old], 0)
