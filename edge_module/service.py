@@ -51,6 +51,8 @@ from edge_module.auth import (
     token_expiry,
 )
 from edge_module.forwarder import Forwarder
+from edge_module.gateway import Gateway, GatewaySettings
+from edge_module.messages import Incoming
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
 from edge_module.scoring import DeviceFeatures
 from edge_module.store import EdgeStore, HistoryEntry
@@ -72,6 +74,7 @@ class EdgeConfig:
     model: ModelReference | None = None  # served at start unless the state folder names a newer one
     forward_max_age_seconds: float = 5.0
     ttl_seconds: float = 7200.0
+    gateway: GatewaySettings | None = None  # the MQTT-over-TLS listener for devices; None: REST only
 
 
 class _Metrics:
@@ -101,16 +104,17 @@ class _Metrics:
         self.devices = Gauge(
             "edge_devices", "Devices with telemetry in their current engine lifetime", registry=self.registry
         )
+        self.gateway_connections = Gauge(
+            "edge_gateway_connections", "Devices connected to the MQTT gateway", registry=self.registry
+        )
+        self.gateway_refusals = Counter(
+            "edge_gateway_refusals", "MQTT connections refused, by reason", ["reason"], registry=self.registry
+        )
         self.dropped = Gauge(
             "edge_forward_dropped",
             "Messages dropped after waiting longer than the TTL",
             registry=self.registry,
         )
-
-
-Incoming = tuple[
-    str, bytes, dict[str, str], str | None
-]  # device id (from its credential), body, properties, id
 
 
 @dataclass
@@ -121,6 +125,8 @@ class _Checked:
     body: bytes
     properties: dict[str, str]
     message_id: str
+    content_type: str | None
+    content_encoding: str | None
     entry: HistoryEntry | None = None  # a valid, new message
     forward: bool = True
     result: dict[str, Any] = field(default_factory=dict)
@@ -267,15 +273,22 @@ class Edge:
     def _check(self, messages: list[Incoming]) -> list[_Checked]:
         """Validate (the contract's batch checks) and deduplicate, without changing any state."""
         checked = [
-            _Checked(device_id, body, dict(properties), message_id or _derived_id(device_id, body))
-            for device_id, body, properties, message_id in messages
+            _Checked(
+                m.device_id,
+                m.body,
+                dict(m.properties),
+                m.message_id or _derived_id(m.device_id, m.body),
+                m.content_type,
+                m.content_encoding,
+            )
+            for m in messages
         ]
         verdicts = check_messages(
             [c.body for c in checked],
             [c.device_id for c in checked],
             [c.properties or None for c in checked],
-            [None] * len(checked),  # content type and encoding were checked on the request
-            [None] * len(checked),
+            [c.content_type for c in checked],
+            [c.content_encoding for c in checked],
         )
         seen = self.store.seen_many([(c.device_id, c.message_id) for c in checked])
         for index, item in enumerate(checked):
@@ -302,7 +315,12 @@ class Edge:
         """Commit what is to be forwarded (and the history it adds) in one transaction."""
         now = format_enqueued_time(datetime.now(UTC))  # one enqueued time for the request
         entries = [
-            (device_message(c.device_id, c.body, now, c.properties, c.message_id), c.entry)
+            (
+                device_message(
+                    c.device_id, c.body, now, c.properties, c.message_id, c.content_type, c.content_encoding
+                ),
+                c.entry,
+            )
             for c in checked
             if c.forward
         ]
@@ -347,7 +365,13 @@ def create_app(config: EdgeConfig) -> FastAPI:
         purging = asyncio.create_task(purge_hourly())
         if edge.forwarder is not None:
             edge.forwarder.start()
+        gateway = Gateway(edge, config.gateway) if config.gateway is not None else None
+        if gateway is not None:
+            await gateway.start()
+            edge.metrics.gateway_connections.set_function(gateway.connected)
         yield
+        if gateway is not None:
+            await gateway.stop()
         purging.cancel()
         if edge.forwarder is not None:
             edge.forwarder.stop(flush=True)

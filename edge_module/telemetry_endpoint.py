@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge_module.auth import AuthError
+from edge_module.messages import Incoming
 
 if TYPE_CHECKING:
     from edge_module.service import Edge
@@ -49,7 +50,7 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         authorization = headers.get("authorization")
         every_item_signed = authorization is None and all(item[0] for item in items)
         requester = None if every_item_signed else _device(edge, authorization)
-        incoming = [(_device(edge, token) if token else requester, *rest) for token, *rest in items]
+        incoming = [Incoming(_device(edge, token) if token else requester, *rest) for token, *rest in items]
         try:
             results = edge.receive(incoming, durable=False)
             await edge.store.synced()

@@ -17,14 +17,13 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
 
 from edge_module.auth import make_sas_token
 from edge_module.forwarder import describe
+from simulator.answers import Answers, UnknownAnswer
 from turbofan_core.capture import CaptureRecord
 
 DEFAULT_HUB_HOSTNAME = "turbofan-hub.azure-devices.net"
@@ -38,18 +37,6 @@ _REFUSED = (401, 422)  # bad credentials, or a message the contract refuses: the
 
 class EdgeError(Exception):
     """The edge did not take a message: unreachable for the whole retry budget, or an unexpected answer."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The edge's latest answer about a device's engine (no RUL: unscored, or its failure event)."""
-
-    status: str
-    cycle: int
-    p50: float | None = None
-    p10: float | None = None
-    p90: float | None = None
-    model_version: str | None = None
 
 
 class EdgeClient:
@@ -80,9 +67,8 @@ class EdgeClient:
         self.hostname = hostname
         self.retry_seconds = retry_seconds
         self.on_retry = on_retry
-        self.latest: dict[str, Answer] = {}  # per device
-        self.refusals: Counter[str] = Counter()  # refusal reason -> messages
-        self.sent = self.scored = self.unscored = self.duplicates = self.refused = self.retries = 0
+        self.answers = Answers()
+        self.sent = self.retries = 0
         self._path = parts.path.rstrip("/") + "/telemetry"
         self._connection = connection(parts.hostname, parts.port, timeout=timeout)
         self._tokens: dict[str, tuple[str, float]] = {}  # device -> (token, expiry)
@@ -99,10 +85,12 @@ class EdgeClient:
             headers["iothub-messageid"] = record.message_id
         status, answer = self._deliver(device_id, record.body or b"", headers)
         if status in _REFUSED:
-            self.refused += 1
-            self.refusals[f"HTTP {status}: {answer.get('detail')}"] += 1
+            self.answers.refuse(f"HTTP {status}: {answer.get('detail')}")
         else:
-            self._count(device_id, answer)
+            try:
+                self.answers.count(device_id, answer)
+            except UnknownAnswer as error:
+                raise EdgeError(f"the edge at {self.url} gave {error}") from None
         number = self._answered.get(device_id, 0)
         self._answered[device_id] = number + 1
         self.sent += 1
@@ -137,24 +125,6 @@ class EdgeClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _count(self, device_id: str, answer: dict) -> None:
-        status = answer.get("status")
-        if status == "duplicate":  # an older message again: the device's latest answer stands
-            self.duplicates += 1
-            return
-        if status == "scored":
-            self.scored += 1
-            rul = answer["rul"]
-            self.latest[device_id] = Answer(
-                status, answer["cycle"], rul["p50"], rul["p10"], rul["p90"], answer.get("model_version")
-            )
-        elif status in ("accepted_unscored", "failure_event"):
-            if status == "accepted_unscored":
-                self.unscored += 1
-            self.latest[device_id] = Answer(status, answer["cycle"])
-        else:
-            raise EdgeError(f"the edge at {self.url} gave an answer this client does not know: {answer}")
 
     def _token(self, device_id: str) -> str:
         """The device's SAS token, made once and renewed shortly before it expires."""

@@ -90,10 +90,16 @@ class Edge:
         return self.call(method, path, body, {"Authorization": f"Bearer {ADMIN_KEY}"})
 
 
-def start_edge(state: Path, landing: Path, model: tuple[str, Path, str] | None = None) -> Edge:
+def start_edge(
+    state: Path,
+    landing: Path,
+    model: tuple[str, Path, str] | None = None,
+    host: str = "127.0.0.1",
+    options: tuple[str, ...] = (),
+) -> Edge:
     port = _free_port()
-    command = [str(Path(sys.executable).parent / "turbofan"), "edge", "serve", "--port", str(port),
-               "--state", str(state), "--landing-dir", str(landing)]  # fmt: skip
+    command = [str(Path(sys.executable).parent / "turbofan"), "edge", "serve", "--host", host,
+               "--port", str(port), "--state", str(state), "--landing-dir", str(landing), *options]  # fmt: skip
     if model is not None:
         version, path, sha256 = model
         command += ["--model-uri", str(path), "--model-sha256", sha256, "--model-version", version]
@@ -105,7 +111,7 @@ def start_edge(state: Path, landing: Path, model: tuple[str, Path, str] | None =
         env={**os.environ, "TURBOFAN_EDGE_ADMIN_KEY": ADMIN_KEY},
     )
     edge = Edge(
-        f"http://127.0.0.1:{port}", state, landing, process, DeviceRegistry.load(state / "devices.json"), log
+        f"http://{host}:{port}", state, landing, process, DeviceRegistry.load(state / "devices.json"), log
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

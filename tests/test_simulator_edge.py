@@ -24,7 +24,8 @@ from test_bundle import make_bundle
 from tqdm import tqdm
 
 from edge_module.auth import DeviceRegistry
-from simulator.edge_client import Answer, EdgeClient
+from simulator.answers import Answer
+from simulator.edge_client import EdgeClient
 from turbofan_cli.main import main
 from turbofan_cli.simulate import _LiveAnswers
 from turbofan_core.bundle import write_bundle
@@ -180,13 +181,13 @@ def test_a_replay_to_the_edge_is_scored_and_lands_each_message_once(
     wrong_key = DeviceRegistry.load(edge.state / "devices.json").get(DEVICES[1]).primary_key
     with EdgeClient(edge.url, {DEVICES[0]: wrong_key}) as client:
         client.send(record, DEVICES[0])
-    assert (client.refused, client.retries) == (1, 0)
-    assert "signature" in next(iter(client.refusals)), client.refusals
+    assert (client.answers.refused, client.retries) == (1, 0)
+    assert "signature" in next(iter(client.answers.refusals)), client.answers.refusals
     right_key = DeviceRegistry.load(edge.state / "devices.json").get(DEVICES[0]).primary_key
     with EdgeClient(edge.url, {DEVICES[0]: right_key}) as client:
         client.send(record, DEVICES[0])
-    assert (client.refused, client.retries) == (1, 0)
-    assert next(iter(client.refusals)).startswith("HTTP 422: "), client.refusals
+    assert (client.answers.refused, client.retries) == (1, 0)
+    assert next(iter(client.answers.refusals)).startswith("HTTP 422: "), client.answers.refusals
 
     edge.stop(signal.SIGTERM)
     landed = Counter(
@@ -282,7 +283,7 @@ def test_the_progress_bar_shows_the_devices_nearest_failure_and_retries() -> Non
     stream = io.StringIO()
     with EdgeClient(NOWHERE, {}) as client, tqdm(total=10, file=stream, ncols=200) as bar:
         live = _LiveAnswers(client, bar)
-        client.latest |= {
+        client.answers.latest |= {
             "Client_001": Answer("scored", 50, 80.0, 60.0, 100.0, "7"),
             "Client_002": Answer("scored", 90, 12.4, 3.0, 25.0, "7"),
             "Client_003": Answer("failure_event", 99),  # failed: no longer an estimate

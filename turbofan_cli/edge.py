@@ -27,12 +27,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--model-sha256", help="the bundle's sha256, checked before it serves")
     serve.add_argument("--model-version", default="unversioned", help="the version to report for it")
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="the gateway's certificate (PEM), naming the host devices use as GatewayHostName; "
+        "with --tls-key, devices can connect over MQTT (see `turbofan edge certs`)",
+    )
+    serve.add_argument("--tls-key", type=Path, help="the gateway certificate's private key (PEM)")
+    serve.add_argument("--mqtt-port", type=int, default=8883, help="the gateway's MQTT-over-TLS port")
     serve.set_defaults(run=run_serve)
+    certs = actions.add_parser("certs", help="make a test CA and a gateway certificate for a host name")
+    certs.add_argument("--host", required=True, help="the GatewayHostName devices will connect to")
+    certs.add_argument("--out", type=Path, help="folder for the files (default: the state folder's certs/)")
+    certs.add_argument("--state", type=Path, help="state folder (default: $TURBOFAN_HOME/edge)")
+    certs.set_defaults(run=run_certs)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from edge_module.gateway import GatewaySettings
     from edge_module.model_slot import ModelReference
     from edge_module.service import EdgeConfig, create_app
     from turbofan_cli import CommandError
@@ -41,6 +55,13 @@ def run_serve(args: argparse.Namespace) -> int:
     home = Home.from_env()
     if bool(args.model_uri) != bool(args.model_sha256):
         raise CommandError("--model-uri and --model-sha256 go together")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CommandError("--tls-cert and --tls-key go together")
+    gateway = (
+        GatewaySettings(args.tls_cert, args.tls_key, host=args.host, port=args.mqtt_port)
+        if args.tls_cert
+        else None
+    )
     model = ModelReference(args.model_version, args.model_uri, args.model_sha256) if args.model_uri else None
     config = EdgeConfig(
         state_dir=args.state or home.root / "edge",
@@ -52,10 +73,33 @@ def run_serve(args: argparse.Namespace) -> int:
             else LocalStore(args.landing_dir or home.landing)
         ),
         model=model,
+        gateway=gateway,
     )
     print(
         f"edge module on http://{args.host}:{args.port} (docs at /docs), state in {config.state_dir}",
         flush=True,
     )
+    if gateway is None:
+        print(
+            "MQTT gateway off: give --tls-cert and --tls-key (`turbofan edge certs` makes them)", flush=True
+        )
+    else:
+        print(f"MQTT gateway on {args.host}:{args.mqtt_port} (TLS)", flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    from edge_module.certs import write_certs
+    from turbofan_cli import CommandError
+
+    folder = args.out or (args.state or Home.from_env().root / "edge") / "certs"
+    try:
+        paths = write_certs(folder, args.host)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(f"CA certificate (give it to devices as server_verification_cert): {paths.ca_cert}")
+    print(f"gateway certificate for {args.host}: {paths.server_cert}")
+    print(f"its private key (keep it on the gateway): {paths.server_key}")
+    print(f"serve with: turbofan edge serve --tls-cert {paths.server_cert} --tls-key {paths.server_key}")
     return 0

@@ -78,19 +78,22 @@ def device_message(
     when: datetime | str,
     properties: dict[str, str],
     message_id: str | None = None,
+    content_type: str | None = None,
+    content_encoding: str | None = None,
 ) -> CaptureRecord:
-    """The record IoT Hub routes for a JSON message sent by an authenticated device.
+    """The record IoT Hub routes for a message sent by an authenticated device.
 
     `when` is the enqueued time, or its text (`format_enqueued_time`) when many messages share
     it. `message_id` is the device's own id for the message (kept across resends), when it set one.
+    The content type and encoding are the device's (default: JSON in UTF-8).
     """
     enqueued = when if isinstance(when, str) else format_enqueued_time(when)
     system = {
         DEVICE_ID: device_id,
         "connectionAuthMethod": _SAS_AUTH,
         "connectionDeviceGenerationId": "0",
-        "contentType": "application/json",
-        "contentEncoding": "utf-8",
+        "contentType": content_type or "application/json",
+        "contentEncoding": content_encoding or "utf-8",
         "enqueuedTime": enqueued,
     }
     if message_id is not None:

@@ -1,0 +1,14 @@
+"""What enters the edge from either transport (REST or the MQTT gateway): one device's message."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Incoming(NamedTuple):
+    device_id: str  # from the device's credential, never from the body
+    body: bytes
+    properties: dict[str, str]  # application properties
+    message_id: str | None
+    content_type: str | None = None  # None: application/json (the REST endpoint checked it)
+    content_encoding: str | None = None  # None: utf-8

@@ -1,0 +1,142 @@
+"""Devices that speak IoT Hub's own protocol: each replayed message sent with `azure-iot-device`.
+
+One `IoTHubDeviceClient` per device, from that device's connection string: to a real IoT Hub,
+or through the edge's gateway when the string names it (`GatewayHostName=`, with the gateway's
+CA as `server_verification_cert`). `send_message` returns once the hub (or the gateway, once the
+message is durable) acknowledged it; the SDK reconnects and resends on its own, and every
+message keeps its message id, so a resend is recognised as a duplicate. Through the gateway,
+each message's RUL answer comes back on the device's cloud-to-device topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from simulator.answers import Answers, UnknownAnswer
+from turbofan_core.capture import CaptureRecord
+
+if TYPE_CHECKING:
+    from azure.iot.device import IoTHubDeviceClient, Message
+
+log = logging.getLogger(__name__)
+ANSWER_WAIT_SECONDS = 10.0
+
+
+class IoTHubError(Exception):
+    """A device could not connect or send (its reason, never its key)."""
+
+
+def device_of(connection_string: str) -> str:
+    """The DeviceId a device connection string names."""
+    fields = dict(part.partition("=")[::2] for part in connection_string.strip().split(";") if part)
+    if not fields.get("HostName") or not fields.get("DeviceId") or not fields.get("SharedAccessKey"):
+        raise ValueError("a device connection string needs HostName, DeviceId and SharedAccessKey")
+    return fields["DeviceId"]
+
+
+class IoTHubSender:
+    """A `simulator.replay.Transport` sending as the devices whose connection strings it holds.
+
+    Each message is its own "file", closed once acknowledged, as for the REST `EdgeClient`.
+    """
+
+    def __init__(
+        self, connection_strings: Mapping[str, str], server_verification_cert: str | None = None
+    ) -> None:
+        self.connection_strings = dict(connection_strings)
+        self.server_verification_cert = server_verification_cert
+        self.answers = Answers()
+        self.sent = 0
+        self._clients: dict[str, IoTHubDeviceClient] = {}
+        self._acknowledged: dict[str, int] = {}
+
+    def _client(self, device_id: str) -> IoTHubDeviceClient:
+        client = self._clients.get(device_id)
+        if client is not None:
+            return client
+        from azure.iot.device import IoTHubDeviceClient
+        from azure.iot.device.exceptions import ClientError
+
+        options = {}
+        if self.server_verification_cert is not None:
+            options["server_verification_cert"] = self.server_verification_cert
+        try:
+            client = IoTHubDeviceClient.create_from_connection_string(
+                self.connection_strings[device_id], **options
+            )
+            client.on_message_received = lambda message: self._answered(device_id, message)
+            client.connect()
+        except KeyError:
+            raise IoTHubError(f"no connection string for device {device_id}") from None
+        except (ClientError, ValueError) as error:
+            raise IoTHubError(
+                f"device {device_id} could not connect: {type(error).__name__}: {error}"
+            ) from None
+        self._clients[device_id] = client
+        return client
+
+    def _answered(self, device_id: str, message: Message) -> None:
+        """A cloud-to-device message: the gateway's answer to one of this device's messages."""
+        try:
+            self.answers.count(device_id, json.loads(message.data))
+        except (ValueError, KeyError, TypeError, UnknownAnswer) as error:
+            log.warning("device %s: a cloud-to-device message that is not an answer: %s", device_id, error)
+
+    def send(self, record: CaptureRecord, device_id: str) -> int:
+        """Send `record` as `device_id`; returns once acknowledged (its "file" number)."""
+        from azure.iot.device import Message
+        from azure.iot.device.exceptions import ClientError
+
+        system = record.system_properties
+        message = Message(
+            record.body or b"",
+            message_id=record.message_id,
+            content_encoding=system.get("contentEncoding", "utf-8"),
+            content_type=system.get("contentType", "application/json"),
+        )
+        message.custom_properties = dict(record.properties)
+        try:
+            self._client(device_id).send_message(message)
+        except ClientError as error:
+            raise IoTHubError(f"device {device_id} could not send: {type(error).__name__}: {error}") from None
+        number = self._acknowledged.get(device_id, 0)
+        self._acknowledged[device_id] = number + 1
+        self.sent += 1
+        return number
+
+    @property
+    def files(self) -> int:
+        return self.sent
+
+    @property
+    def late_files(self) -> int:
+        return 0
+
+    def closed_files(self, device_id: str) -> int:
+        return self._acknowledged.get(device_id, 0)
+
+    def flush(self) -> None:
+        """Nothing waits here: `send` returns once the message is acknowledged."""
+
+    def close(self) -> None:
+        """Wait a little for answers still on their way (through a gateway only), then disconnect."""
+        if self.answers.answered:
+            self.answers.wait_for(self.sent, ANSWER_WAIT_SECONDS)
+        for client in self._clients.values():
+            client.shutdown()
+        self._clients.clear()
+
+    def __enter__(self) -> IoTHubSender:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
