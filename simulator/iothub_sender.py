@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -45,10 +45,14 @@ class IoTHubSender:
     """
 
     def __init__(
-        self, connection_strings: Mapping[str, str], server_verification_cert: str | None = None
+        self,
+        connection_strings: Mapping[str, str],
+        server_verification_cert: str | None = None,
+        on_connection: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.connection_strings = dict(connection_strings)
         self.server_verification_cert = server_verification_cert
+        self.on_connection = on_connection  # (device, connected): the SDK reconnects out of sight
         self.answers = Answers()
         self.sent = 0
         self._clients: dict[str, IoTHubDeviceClient] = {}
@@ -69,6 +73,7 @@ class IoTHubSender:
                 self.connection_strings[device_id], **options
             )
             client.on_message_received = lambda message: self._answered(device_id, message)
+            client.on_connection_state_change = lambda: self._connection_changed(device_id)
             client.connect()
         except KeyError:
             raise IoTHubError(f"no connection string for device {device_id}") from None
@@ -78,6 +83,11 @@ class IoTHubSender:
             ) from None
         self._clients[device_id] = client
         return client
+
+    def _connection_changed(self, device_id: str) -> None:
+        client = self._clients.get(device_id)
+        if client is not None and self.on_connection is not None:
+            self.on_connection(device_id, client.connected)
 
     def _answered(self, device_id: str, message: Message) -> None:
         """A cloud-to-device message: the gateway's answer to one of this device's messages."""

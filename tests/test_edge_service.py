@@ -28,6 +28,7 @@ from test_contract import MALFORMED
 from edge_module.auth import DeviceRegistry, make_sas_token
 from turbofan_core.bundle import ModelBundle, write_bundle
 from turbofan_core.cmapss import read_cmapss
+from turbofan_core.deployment_manifest import DEFAULT_IMAGE, ManifestSettings, build
 from turbofan_core.features import FeatureSpec
 from turbofan_core.storage import LocalStore
 from turbofan_core.telemetry import FIELDS
@@ -99,7 +100,8 @@ def start_edge(
 ) -> Edge:
     port = _free_port()
     command = [str(Path(sys.executable).parent / "turbofan"), "edge", "serve", "--host", host,
-               "--port", str(port), "--state", str(state), "--landing-dir", str(landing), *options]  # fmt: skip
+               "--port", str(port), "--state", str(state), "--landing-dir", str(landing),
+               *options]  # fmt: skip
     if model is not None:
         version, path, sha256 = model
         command += ["--model-uri", str(path), "--model-sha256", sha256, "--model-version", version]
@@ -437,3 +439,29 @@ def test_a_batch_with_a_late_message_and_a_failure_event_follows_device_order(
     assert_scored_like(results[1:2], device, expected(bundle, frame.head(6)))
     next_engine = frame.head(1).assign(Sensor2=642.5)
     assert_scored_like(results[3:], device, expected(bundle, next_engine))
+
+
+def test_a_deployment_manifest_names_the_model_served_at_start(tmp_path: Path, bundles) -> None:
+    bundle, path = bundles["2"]
+    manifest = build(
+        ManifestSettings(image=DEFAULT_IMAGE), {"version": "2", "uri": str(path), "sha256": bundle.sha256}
+    )
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    edge = start_edge(
+        tmp_path / "state", tmp_path / "landing", options=("--manifest", str(tmp_path / "manifest.json"))
+    )
+    try:
+        assert edge.call("GET", "/model")[1]["version"] == "2"
+    finally:
+        edge.stop(signal.SIGTERM)
+
+    del manifest["modulesContent"]["turbofan"]["properties.desired"]["model"]["sha256"]
+    (tmp_path / "broken.json").write_text(json.dumps(manifest))
+    turbofan = str(Path(sys.executable).parent / "turbofan")
+    done = subprocess.run(
+        [turbofan, "edge", "serve", "--manifest", str(tmp_path / "broken.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "modulesContent.turbofan.properties.desired.model.sha256: missing" in done.stderr

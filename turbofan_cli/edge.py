@@ -10,9 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from turbofan_core.home import Home
 from turbofan_core.storage import CONNECTION_STRING_ENV, LANDING_CONTAINER_ENV
+
+if TYPE_CHECKING:
+    from edge_module.model_slot import ModelReference
+
+# Paths (not secrets) for containers, where flags are fixed in the image's entry point.
+TLS_CERT_ENV, TLS_KEY_ENV = "TURBOFAN_GATEWAY_CERT", "TURBOFAN_GATEWAY_KEY"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +35,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--model-sha256", help="the bundle's sha256, checked before it serves")
     serve.add_argument("--model-version", default="unversioned", help="the version to report for it")
     serve.add_argument(
+        "--manifest",
+        type=Path,
+        help="an IoT Edge deployment manifest (edge_deployment_manifest's): serve the model its turbofan "
+        "module twin's desired properties name, instead of --model-uri",
+    )
+    serve.add_argument(
         "--tls-cert",
         type=Path,
-        help="the gateway's certificate (PEM), naming the host devices use as GatewayHostName; "
-        "with --tls-key, devices can connect over MQTT (see `turbofan edge certs`)",
+        default=os.environ.get(TLS_CERT_ENV) or None,
+        help="the gateway's certificate (PEM), naming the host devices use as GatewayHostName; with "
+        f"--tls-key, devices can connect over MQTT (see `turbofan edge certs`; default: env {TLS_CERT_ENV})",
     )
-    serve.add_argument("--tls-key", type=Path, help="the gateway certificate's private key (PEM)")
+    serve.add_argument(
+        "--tls-key",
+        type=Path,
+        default=os.environ.get(TLS_KEY_ENV) or None,
+        help=f"the gateway certificate's private key (PEM; default: env {TLS_KEY_ENV})",
+    )
     serve.add_argument("--mqtt-port", type=int, default=8883, help="the gateway's MQTT-over-TLS port")
     serve.set_defaults(run=run_serve)
     certs = actions.add_parser("certs", help="make a test CA and a gateway certificate for a host name")
@@ -63,6 +82,10 @@ def run_serve(args: argparse.Namespace) -> int:
         else None
     )
     model = ModelReference(args.model_version, args.model_uri, args.model_sha256) if args.model_uri else None
+    if args.manifest is not None:
+        if model is not None:
+            raise CommandError("--manifest and --model-uri each name the model: give one")
+        model = _manifest_model(args.manifest)
     config = EdgeConfig(
         state_dir=args.state or home.root / "edge",
         landing=(
@@ -103,3 +126,20 @@ def run_certs(args: argparse.Namespace) -> int:
     print(f"its private key (keep it on the gateway): {paths.server_key}")
     print(f"serve with: turbofan edge serve --tls-cert {paths.server_cert} --tls-key {paths.server_key}")
     return 0
+
+
+def _manifest_model(path: Path) -> ModelReference:
+    """The model a deployment manifest's turbofan module twin desires (the manifest validated first)."""
+    import json
+
+    from edge_module.model_slot import ModelReference
+    from turbofan_cli import CommandError
+    from turbofan_core.deployment_manifest import ManifestError, model_reference, validate
+
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        validate(manifest)
+        return ModelReference(**model_reference(manifest))
+    except (OSError, ValueError) as error:  # ManifestError and JSONDecodeError are ValueErrors
+        problems = "; ".join(error.problems) if isinstance(error, ManifestError) else str(error)
+        raise CommandError(f"--manifest {path}: {problems}") from None
