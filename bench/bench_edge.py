@@ -149,8 +149,8 @@ class Connection:
     """HTTP/1.1 keep-alive on a blocking socket (TCP_NODELAY), requests pre-encoded: the client's
     cost per request stays small beside the service's, which shares the machine's two cores."""
 
-    def __init__(self, port: int) -> None:
-        self.socket = socket.create_connection(("127.0.0.1", port))
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.socket = socket.create_connection((host, port))
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.socket.makefile("rb")
 
@@ -189,13 +189,15 @@ def steady(port: int, requests: list[bytes], rate: float, connections: int = 4) 
     return latencies
 
 
-def closed_loop(port: int, streams: list[list[bytes]], seconds: float, per_request: int = 1) -> float:
+def closed_loop(
+    port: int, streams: list[list[bytes]], seconds: float, per_request: int = 1, host: str = "127.0.0.1"
+) -> float:
     """One connection per stream, each sending its requests back to back: messages per second."""
     stop_at = time.perf_counter() + seconds
     done = [0] * len(streams)
 
     def client(index: int) -> None:
-        connection = Connection(port)
+        connection = Connection(port, host)
         for request in streams[index]:
             if time.perf_counter() >= stop_at:
                 break

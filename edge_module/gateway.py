@@ -91,6 +91,7 @@ class Gateway:
         self.settings = settings
         self._server: asyncio.Server | None = None
         self._connections: dict[str, _Connection] = {}
+        self._pending: list[tuple[_Connection, Incoming, int | None]] = []  # for the next Edge.receive
         # Each device's subscriptions, kept across reconnects and restarts as IoT Hub keeps a session
         # that was not clean: the SDK subscribes once and does not subscribe again on reconnecting.
         self._sessions_path = edge.config.state_dir / SESSIONS_FILENAME
@@ -170,6 +171,29 @@ class Gateway:
             raise AuthError("token is for another device")
         return token_expiry(connect.password)
 
+    def submit(self, connection: _Connection, incoming: Incoming, packet_id: int | None) -> None:
+        """Queue a message for the next batch: what every connection read in this turn of the event
+        loop is recorded in one `Edge.receive`, so many devices' messages are scored together."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._record)
+        self._pending.append((connection, incoming, packet_id))
+
+    def _record(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            results = self.edge.receive([incoming for _, incoming, _ in pending], durable=False)
+        except (sqlite3.Error, OSError) as error:
+            log.warning(
+                "gateway: could not store %d messages (their devices send them again): %s",
+                len(pending),
+                error,
+            )
+            for connection in {connection for connection, _, _ in pending}:
+                connection.close()  # nothing acknowledged
+            return
+        for (connection, _, packet_id), result in zip(pending, results, strict=True):
+            connection.acknowledge_later(packet_id, result)
+
     def connected(self) -> int:
         return len(self._connections)
 
@@ -246,20 +270,18 @@ class _Connection:
             acknowledging.cancel()
 
     def _publish(self, message: mqtt.Publish) -> None:
-        """Record the message now (in arrival order); its PUBACK and answer wait for the disk."""
+        """Hand the message to the gateway's next batch; its PUBACK and answer wait for the disk."""
         match = _TELEMETRY_TOPIC.fullmatch(message.topic)
         if match is None or unquote(match.group(1)) != self.device_id:
             # IoT Hub closes the connection of a device publishing where it may not.
             raise mqtt.ProtocolError(f"device {self.device_id!r} may not publish to {message.topic!r}")
         system, application = message_properties(match.group(2))
-        incoming = Incoming(self.device_id, message.payload, application, **system)
-        try:
-            result = self.edge.receive([incoming], durable=False)[0]
-        except (sqlite3.Error, OSError) as error:
-            raise ConnectionError(
-                f"could not store the message, the device will send it again: {error}"
-            ) from None
-        self._acks.put_nowait((message.packet_id, result))
+        self.gateway.submit(
+            self, Incoming(self.device_id, message.payload, application, **system), message.packet_id
+        )
+
+    def acknowledge_later(self, packet_id: int | None, result: dict) -> None:
+        self._acks.put_nowait((packet_id, result))
 
     async def _acknowledge(self) -> None:
         """PUBACK each message, in order, once the store has synced it; then send its answer."""

@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
+from iothub_standin import IoTHubStandIn, running_iothub_standin
 
 from turbofan_core.cmapss import read_cmapss
 
@@ -200,6 +201,17 @@ def blob_container(azurite: AzuriteInfo) -> Iterator[str]:
         yield name
         with contextlib.suppress(ResourceNotFoundError):
             client.delete_container(name)
+
+
+@pytest.fixture
+def iothub_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[IoTHubStandIn]:
+    """A local HTTPS stand-in for IoT Hub's service API (tests/iothub_standin.py). For the test,
+    REQUESTS_CA_BUNDLE trusts its CA (azure-iot-hub verifies the server through requests) and
+    IOTHUB_CONNECTION_STRING holds its iothubowner policy; both are restored afterwards."""
+    with running_iothub_standin(tmp_path / "iothub_standin") as standin:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(standin.ca_cert))
+        monkeypatch.setenv("IOTHUB_CONNECTION_STRING", standin.connection_string)
+        yield standin
 
 
 # --- a live Dagster UI -------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """The Dagster code location: assets, checks, jobs and resources chosen from the environment.
 
 Embedded default: everything under TURBOFAN_HOME. Set TURBOFAN_LANDING_CONTAINER (and
-TURBOFAN_MODEL_CONTAINER) to use Azure Blob containers instead; the account comes from
-AZURE_STORAGE_ACCOUNT_URL and the key from AZURE_STORAGE_KEY, read at run time only.
+TURBOFAN_MODEL_CONTAINER) to use Azure Blob containers instead, on the account of
+AZURE_STORAGE_CONNECTION_STRING (the one storage setting of every part, turbofan_core.azure_settings).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from azure.storage.blob import BlobServiceClient
 from dagster import (
     AssetSelection,
     Definitions,
@@ -18,15 +21,37 @@ from dagster import (
     in_process_executor,
     load_assets_from_modules,
 )
-from dagster_azure.blob import AzureBlobStorageKeyCredential, AzureBlobStorageResource
+from dagster_azure.blob import AzureBlobStorageAnonymousCredential, AzureBlobStorageResource
 
-from turbofan_assets.assets import evaluation, ingestion, preparation, training
+from turbofan_assets.assets import deployment, evaluation, ingestion, preparation, training
 from turbofan_assets.checks import CHECKS
+from turbofan_assets.deployment_targets import deployment_target
 from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder, Warehouse
+from turbofan_core.azure_settings import (
+    STORAGE_CONNECTION_STRING_ENV,
+    blob_service_client,
+    storage_account,
+    storage_errors_named,
+)
 from turbofan_core.home import Home
 from turbofan_core.storage import LANDING_CONTAINER_ENV
 
 PIPELINE_JOB = "turbofan_pipeline"
+DEPLOYMENT_JOB = "turbofan_deployment"
+
+
+class ConnectionStringBlobStorage(AzureBlobStorageResource):
+    """dagster-azure's blob resource on the storage connection string, which stays an `EnvVar`
+    read at run time: the UI lists the variable, never its key. Its clients time out and retry
+    as every Azure client here does, and failing to reach the account names the setting."""
+
+    connection_string: str
+
+    @contextmanager
+    def get_client(self) -> Iterator[BlobServiceClient]:
+        account = storage_account(self.connection_string)
+        with blob_service_client(account.connection_string) as service, storage_errors_named(account):
+            yield service
 
 
 def file_store(container_variable: str, local_path: Path) -> FileStore:
@@ -35,9 +60,10 @@ def file_store(container_variable: str, local_path: Path) -> FileStore:
     if not container:
         return LocalFolder(path=str(local_path))
     return AzureContainer(
-        storage=AzureBlobStorageResource(
-            account_url=EnvVar("AZURE_STORAGE_ACCOUNT_URL"),
-            credential=AzureBlobStorageKeyCredential(key=EnvVar("AZURE_STORAGE_KEY")),
+        storage=ConnectionStringBlobStorage(
+            account_url=storage_account().account_url,  # checks the setting now: a clear error at load
+            credential=AzureBlobStorageAnonymousCredential(),  # unused: the connection string holds the key
+            connection_string=EnvVar(STORAGE_CONNECTION_STRING_ENV),
         ),
         container=container,
     )
@@ -45,14 +71,21 @@ def file_store(container_variable: str, local_path: Path) -> FileStore:
 
 def build_definitions(home: Home) -> Definitions:
     return Definitions(
-        assets=load_assets_from_modules([ingestion, preparation, training, evaluation]),
+        assets=load_assets_from_modules([ingestion, preparation, training, evaluation, deployment]),
         asset_checks=CHECKS,
-        jobs=[define_asset_job(PIPELINE_JOB, selection=AssetSelection.all())],
+        jobs=[
+            # Deploying needs a target (a running edge module, or IoT Hub): a job of its own.
+            define_asset_job(
+                PIPELINE_JOB, selection=AssetSelection.all() - AssetSelection.groups(deployment.GROUP)
+            ),
+            define_asset_job(DEPLOYMENT_JOB, selection=AssetSelection.groups(deployment.GROUP)),
+        ],
         resources={
             "landing_zone": file_store(LANDING_CONTAINER_ENV, home.landing),
             "model_store": file_store("TURBOFAN_MODEL_CONTAINER", home.models),
             "warehouse": Warehouse(database=str(home.warehouse)),
             "cmapss": CmapssFiles(directory=str(home.cmapss_dir())),
+            "deployment_target": deployment_target(),
         },
         # One process: the multiprocess executor costs seconds a step on 2 cores, and
         # DuckDB takes one writer at a time anyway.

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from turbofan_core.home import Home
-from turbofan_core.storage import CONNECTION_STRING_ENV, LANDING_CONTAINER_ENV
+from turbofan_core.storage import LANDING_CONTAINER_ENV
 
 if TYPE_CHECKING:
     from edge_module.model_slot import ModelReference
+    from turbofan_core.storage import ObjectStore
 
 # Paths (not secrets) for containers, where flags are fixed in the image's entry point.
 TLS_CERT_ENV, TLS_KEY_ENV = "TURBOFAN_GATEWAY_CERT", "TURBOFAN_GATEWAY_KEY"
@@ -28,7 +29,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--state", type=Path, help="state folder (default: $TURBOFAN_HOME/edge)")
-    serve.add_argument("--landing-dir", type=Path, help="where to forward (default: $TURBOFAN_HOME/landing)")
+    serve.add_argument(
+        "--landing-dir",
+        type=Path,
+        help=f"where to forward (default: the blob container env {LANDING_CONTAINER_ENV} names, "
+        "else $TURBOFAN_HOME/landing)",
+    )
     serve.add_argument(
         "--model-uri", help="bundle to serve at start (a path or blob URL), with --model-sha256"
     )
@@ -69,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from edge_module.model_slot import ModelReference
     from edge_module.service import EdgeConfig, create_app
     from turbofan_cli import CommandError
-    from turbofan_core.storage import LocalStore, blob_store_from_connection_string
+    from turbofan_core.storage import LocalStore
 
     home = Home.from_env()
     if bool(args.model_uri) != bool(args.model_sha256):
@@ -88,13 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model = _manifest_model(args.manifest)
     config = EdgeConfig(
         state_dir=args.state or home.root / "edge",
-        landing=(
-            blob_store_from_connection_string(
-                os.environ[CONNECTION_STRING_ENV], os.environ[LANDING_CONTAINER_ENV]
-            )
-            if args.landing_dir is None and os.environ.get(LANDING_CONTAINER_ENV)
-            else LocalStore(args.landing_dir or home.landing)
-        ),
+        landing=LocalStore(args.landing_dir) if args.landing_dir else _landing(home),
         model=model,
         gateway=gateway,
     )
@@ -143,3 +143,14 @@ def _manifest_model(path: Path) -> ModelReference:
     except (OSError, ValueError) as error:  # ManifestError and JSONDecodeError are ValueErrors
         problems = "; ".join(error.problems) if isinstance(error, ManifestError) else str(error)
         raise CommandError(f"--manifest {path}: {problems}") from None
+
+
+def _landing(home: Home) -> ObjectStore:
+    """The landing zone the environment names (a blob container), else the embedded default's."""
+    from turbofan_cli import CommandError
+    from turbofan_core.azure_settings import SettingError, landing_store_from_env
+
+    try:
+        return landing_store_from_env(home.landing)
+    except SettingError as error:  # names the setting, never its secret
+        raise CommandError(str(error)) from None

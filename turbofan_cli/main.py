@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "ui": Subcommand("turbofan_cli.ui", "open the Dagster UI on the embedded default's instance"),
     "models": Subcommand("turbofan_cli.models", "the model registry: list models, or show one's metrics"),
     "edge": Subcommand("turbofan_cli.edge", "the IoT Edge module: serve scoring and store-and-forward"),
+    "devices": Subcommand("turbofan_cli.devices", "device identities and keys, in the edge or IoT Hub"),
 }
 
 

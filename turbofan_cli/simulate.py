@@ -9,6 +9,7 @@ and are never printed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -20,8 +21,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from edge_module.auth import REGISTRY_FILENAME, DeviceRegistry, RegistryError
+from simulator.answers import Answers
 from simulator.capture_writer import CaptureWriter
 from simulator.edge_client import DEFAULT_HUB_HOSTNAME, DEFAULT_RETRY_SECONDS, EdgeClient, EdgeError
+from simulator.iothub_sender import IoTHubError, IoTHubSender, device_of
 from simulator.replay import (
     ReplayInterrupted,
     ReplayStats,
@@ -33,6 +36,7 @@ from simulator.replay import (
     select_units,
 )
 from turbofan_cli import CommandError
+from turbofan_core.azure_settings import SettingError, redact
 from turbofan_core.cmapss import UNIT, read_cmapss
 from turbofan_core.home import Home
 from turbofan_core.storage import (
@@ -44,7 +48,6 @@ from turbofan_core.storage import (
 )
 
 _UNIT_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
-_SECRET_KEYS = ("AccountKey", "SharedAccessSignature")
 # Flags of --to edge only: (attribute, flag).
 _EDGE_FLAGS = (
     ("edge_url", "--edge-url"),
@@ -53,6 +56,9 @@ _EDGE_FLAGS = (
     ("hub_hostname", "--hub-hostname"),
     ("retry_seconds", "--retry-seconds"),
 )
+# Flags of --to iothub only.
+_IOTHUB_FLAGS = (("connection_strings", "--connection-strings"), ("ca_file", "--ca-file"))
+DEVICE_CONNECTION_STRING_ENV = "IOTHUB_DEVICE_CONNECTION_STRING"
 _NAMED_DEVICES = 8  # a longer list of missing devices is cut, so the error stays one readable line
 _LIVE_DEVICES = 2  # devices nearest failure shown beside the progress bar
 _LIVE_SECONDS = 0.5  # how often those are refreshed
@@ -96,9 +102,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", type=parse_units, help="units to replay: 1-20 or 1,5,9-12 (default: all)")
     parser.add_argument(
         "--to",
-        choices=("landing", "blob", "edge"),
+        choices=("landing", "blob", "edge", "iothub"),
         default="landing",
-        help="landing folder, Azure Blob container, or the edge module (POST /telemetry per message)",
+        help="landing folder, Azure Blob container, the edge module (POST /telemetry per message), or "
+        "IoT Hub's device protocol with azure-iot-device (a real hub, or the edge's gateway)",
     )
     parser.add_argument(
         "--container",
@@ -167,6 +174,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how long a message is resent (same id) while the edge is unreachable or answers 5xx, "
         f"before giving up (default {DEFAULT_RETRY_SECONDS:g})",
     )
+    iothub = parser.add_argument_group("--to iothub")
+    iothub.add_argument(
+        "--connection-strings",
+        type=Path,
+        metavar="FILE",
+        help="a file of device connection strings, one per line, each device's DeviceId the replay's "
+        f"(`turbofan devices create` prints them); default: env {DEVICE_CONNECTION_STRING_ENV}, one device",
+    )
+    iothub.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help="the CA that signed the gateway's certificate, when the strings name a GatewayHostName",
+    )
     parser.set_defaults(run=run)
 
 
@@ -181,13 +202,15 @@ def run(args: argparse.Namespace) -> int:
     failure_events = not args.no_failure_events and args.file.name.startswith("train_")
     if args.to == "edge":
         return _run_edge(args, selected, failure_events)
+    if args.to == "iothub":
+        return _run_iothub(args, selected, failure_events)
     connection_string = os.environ.get(CONNECTION_STRING_ENV, "")
     try:
         store = _open_store(args, connection_string)
         with CaptureWriter(store, hub=args.hub, late=args.late, seed=args.seed) as writer:
             stats, interrupted = _replay_with_progress(selected, writer, args, failure_events, store.location)
     except _storage_errors() as error:
-        message = _redact(_first_line(error), connection_string)
+        message = redact(_first_line(error), connection_string)
         raise CommandError(f"cannot write to the landing zone: {message}") from None
     print(_summary(stats, store.location, interrupted, delivery=bool(args.duplicates or args.late)))
     return 130 if interrupted else 0
@@ -195,21 +218,23 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_target_flags(args: argparse.Namespace) -> None:
     """Refuse, before any work, flags that mean nothing for the chosen target."""
-    if args.to != "edge":
-        given = [flag for name, flag in _EDGE_FLAGS if getattr(args, name)]
-        if given:
-            raise CommandError(f"{', '.join(given)} only apply to --to edge")
+    for target, flags in (("edge", _EDGE_FLAGS), ("iothub", _IOTHUB_FLAGS)):
+        given = [flag for name, flag in flags if getattr(args, name)]
+        if given and args.to != target:
+            raise CommandError(f"{', '.join(given)} only apply to --to {target}")
+    if args.to not in ("edge", "iothub"):
         return
     if args.late:
         raise CommandError(
-            "--late publishes capture files late, which has no meaning for --to edge: "
-            "the edge answers each message as it is sent"
+            f"--late publishes capture files late, which has no meaning for --to {args.to}: "
+            "each message is acknowledged as it is sent"
         )
     if args.landing_dir or args.container:
         raise CommandError(
-            "--landing-dir and --container do not apply to --to edge: the edge forwards to its landing zone"
+            f"--landing-dir and --container do not apply to --to {args.to}: the edge (or the hub's "
+            "routing) writes the landing zone"
         )
-    if not args.edge_url:
+    if args.to == "edge" and not args.edge_url:
         raise CommandError("--to edge needs --edge-url URL, e.g. http://127.0.0.1:8080")
 
 
@@ -228,7 +253,11 @@ def _run_edge(args: argparse.Namespace, selected: pd.DataFrame, failure_events: 
             stats, interrupted = _replay_with_progress(selected, client, args, failure_events, args.edge_url)
     except EdgeError as error:
         raise CommandError(str(error)) from None
-    print(_edge_summary(stats, client, args.edge_url, interrupted, resent=bool(args.duplicates)))
+    print(
+        _edge_summary(
+            stats, client.answers, client.retries, args.edge_url, interrupted, bool(args.duplicates)
+        )
+    )
     return 130 if interrupted else 0
 
 
@@ -238,11 +267,8 @@ def _device_keys(path: Path, devices: list[str], register: bool) -> dict[str, st
         registry = DeviceRegistry.load(path)
         missing = [device for device in devices if registry.get(device) is None]
         if missing and not register:
-            named = ", ".join(missing[:_NAMED_DEVICES])
-            if len(missing) > _NAMED_DEVICES:
-                named += f" and {len(missing) - _NAMED_DEVICES} more"
             raise CommandError(
-                f"{len(missing)} devices are not in the edge's registry {path}: {named}; "
+                f"{len(missing)} devices are not in the edge's registry {path}: {_named(missing)}; "
                 "create them with --register (then start the edge, unless it reloads its registry)"
             )
         for device in missing:
@@ -256,6 +282,61 @@ def _device_keys(path: Path, devices: list[str], register: bool) -> dict[str, st
             file=sys.stderr,
         )
     return {device: registry.get(device).primary_key for device in devices}
+
+
+def _named(devices: list[str]) -> str:
+    """The first few device ids, so a long list stays one readable line."""
+    named = ", ".join(devices[:_NAMED_DEVICES])
+    if len(devices) > _NAMED_DEVICES:
+        named += f" and {len(devices) - _NAMED_DEVICES} more"
+    return named
+
+
+def _run_iothub(args: argparse.Namespace, selected: pd.DataFrame, failure_events: bool) -> int:
+    """Replay with azure-iot-device, each device from its own connection string."""
+    strings = _device_connection_strings(args.connection_strings)
+    devices = device_ids(sorted(selected[UNIT].unique().tolist()), args.engines_per_device)
+    missing = [device for device in devices if device not in strings]
+    if missing:
+        raise CommandError(f"{len(missing)} devices have no connection string: {_named(missing)}")
+    certificate = args.ca_file.read_text() if args.ca_file else None
+    # The SDK logs every dropped connection from its threads; the progress bar says it instead.
+    logging.getLogger("azure.iot.device").setLevel(logging.CRITICAL)
+    first = dict(part.partition("=")[::2] for part in strings[devices[0]].split(";"))
+    where = first.get("GatewayHostName") or first["HostName"]
+    sender = IoTHubSender({device: strings[device] for device in devices}, certificate)
+    try:
+        with sender:
+            stats, interrupted = _replay_with_progress(selected, sender, args, failure_events, where)
+    except IoTHubError as error:
+        raise CommandError(redact(str(error), ";".join(strings.values()))) from None
+    print(_edge_summary(stats, sender.answers, None, where, interrupted, resent=bool(args.duplicates)))
+    return 130 if interrupted else 0
+
+
+def _device_connection_strings(path: Path | None) -> dict[str, str]:
+    """DeviceId -> connection string, from the file (one per line) or the environment (one device)."""
+    if path is None:
+        text = os.environ.get(DEVICE_CONNECTION_STRING_ENV, "")
+        if not text.strip():
+            raise CommandError(
+                f"--to iothub needs --connection-strings FILE or env {DEVICE_CONNECTION_STRING_ENV}"
+            )
+        where = f"env {DEVICE_CONNECTION_STRING_ENV}"
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise CommandError(_first_line(error)) from None
+        where = str(path)
+    strings: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                strings[device_of(line)] = line.strip()
+            except ValueError as error:  # never echo the line: it holds a key
+                raise CommandError(f"{where}, line {number}: {error}") from None
+    return strings
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
@@ -287,8 +368,8 @@ def _open_store(args: argparse.Namespace, connection_string: str) -> ObjectStore
         raise CommandError(f"--to blob needs the connection string in env {CONNECTION_STRING_ENV}")
     try:
         return blob_store_from_connection_string(connection_string, container)
-    except ValueError:
-        raise CommandError(f"env {CONNECTION_STRING_ENV} is not a valid connection string") from None
+    except SettingError as error:  # malformed, unreachable or refused: the message names the setting
+        raise CommandError(str(error)) from None
 
 
 def _storage_errors() -> tuple[type[Exception], ...]:
@@ -296,15 +377,6 @@ def _storage_errors() -> tuple[type[Exception], ...]:
     from azure.core.exceptions import AzureError
 
     return (OSError, AzureError)
-
-
-def _redact(text: str, connection_string: str) -> str:
-    """`text` without the account key or SAS of `connection_string`: error messages get printed."""
-    for part in connection_string.split(";"):
-        key, _, value = part.partition("=")
-        if key.strip() in _SECRET_KEYS and value:
-            text = text.replace(value, "***")
-    return re.sub(r"sig=[^&\s]+", "sig=***", text)
 
 
 def _replay_with_progress(
@@ -318,7 +390,7 @@ def _replay_with_progress(
     started = f"replaying {devices} devices{engines}, {total} messages, from {args.file} to {where}"
     print(started, file=sys.stderr)
     with tqdm(total=total, desc=f"{devices} devices", unit="msg", file=sys.stderr, disable=None) as bar:
-        live = _LiveAnswers(transport, bar) if isinstance(transport, EdgeClient) else None
+        live = _LiveAnswers(transport, bar) if isinstance(transport, (EdgeClient, IoTHubSender)) else None
         try:
             stats = replay(
                 selected,
@@ -342,11 +414,14 @@ class _LiveAnswers:
     a line per answer would scroll the terminal away at hundreds of messages a second.
     """
 
-    def __init__(self, client: EdgeClient, bar: tqdm) -> None:
-        self.client = client
+    def __init__(self, client: EdgeClient | IoTHubSender, bar: tqdm) -> None:
+        self.answers = client.answers
         self.bar = bar
         self._next = 0.0
-        client.on_retry = self.retrying
+        if isinstance(client, EdgeClient):
+            client.on_retry = self.retrying
+        else:
+            client.on_connection = self.connection
 
     def answered(self, _record: object) -> None:
         self.bar.update()
@@ -360,11 +435,16 @@ class _LiveAnswers:
         self.bar.set_postfix_str(f"edge unreachable ({what}); resending for {seconds_left:.0f} s more")
         self._next = 0.0  # the next answer replaces this at once
 
+    def connection(self, device: str, connected: bool) -> None:
+        """The SDK lost or regained a device's connection (it reconnects and resends by itself)."""
+        if not connected:
+            self.bar.set_postfix_str(f"{device} disconnected; azure-iot-device reconnects and resends")
+            self._next = 0.0
+
     def _nearest_failure(self) -> str:
-        scored = [(device, a) for device, a in self.client.latest.items() if a.p50 is not None]
-        if not scored:
-            return "answered unscored: the edge serves no model" if self.client.unscored else ""
-        nearest = sorted(scored, key=lambda item: item[1].p50)[:_LIVE_DEVICES]
+        nearest = self.answers.nearest_failure(_LIVE_DEVICES)
+        if not nearest:
+            return "answered unscored: the edge serves no model" if self.answers.unscored else ""
         return ", ".join(
             f"{device} c{a.cycle} RUL {a.p50:.0f} [{a.p10:.0f}-{a.p90:.0f}]" for device, a in nearest
         )
@@ -385,9 +465,12 @@ def _summary(stats: ReplayStats, where: str, interrupted: bool, delivery: bool) 
     return "\n".join(lines)
 
 
-def _edge_summary(stats: ReplayStats, client: EdgeClient, where: str, interrupted: bool, resent: bool) -> str:
-    """The counts and the edge's answers, one per line; the commonest refusal reasons with the refusals."""
-    lines = ["interrupted: every message sent until then was answered by the edge"] if interrupted else []
+def _edge_summary(
+    stats: ReplayStats, answers: Answers, retries: int | None, where: str, interrupted: bool, resent: bool
+) -> str:
+    """The counts and the edge's answers, one per line; the commonest refusal reasons with the refusals.
+    `retries` is None where the client retries out of sight (azure-iot-device)."""
+    lines = ["interrupted: every message sent until then was acknowledged"] if interrupted else []
     lines += [
         f"devices:        {stats.devices}",
         f"messages:       {stats.messages}",
@@ -395,15 +478,18 @@ def _edge_summary(stats: ReplayStats, client: EdgeClient, where: str, interrupte
     ]
     if resent:
         lines.append(f"resent copies:  {stats.duplicates}")
-    refused = f"refused:        {client.refused}"
-    if client.refusals:
-        refused += " (" + "; ".join(f"{n} x {why}" for why, n in client.refusals.most_common(3)) + ")"
+    refused = f"refused:        {answers.refused}"
+    if answers.refusals:
+        refused += " (" + "; ".join(f"{n} x {why}" for why, n in answers.refusals.most_common(3)) + ")"
     lines += [
-        f"scored:         {client.scored}",
-        f"unscored:       {client.unscored}",
-        f"duplicates:     {client.duplicates}",
+        f"scored:         {answers.scored}",
+        f"unscored:       {answers.unscored}",
+        f"duplicates:     {answers.duplicates}",
         refused,
-        f"retries:        {client.retries}",
+    ]
+    if retries is not None:
+        lines.append(f"retries:        {retries}")
+    lines += [
         f"where:          {where}",
         f"seconds:        {stats.seconds:.2f}",
     ]

@@ -171,8 +171,8 @@ class BlobStore:
 
 
 def blob_store_from_connection_string(connection_string: str, container: str, prefix: str = "") -> BlobStore:
-    """A BlobStore for a container, created if missing (used by devices and the CLI)."""
-    from azure.storage.blob import BlobServiceClient
+    """A BlobStore for a container, created if missing (used by devices and the CLI), through
+    `turbofan_core.azure_settings`: bounded timeouts and retries, errors naming the setting."""
+    from turbofan_core.azure_settings import blob_store
 
-    client = BlobServiceClient.from_connection_string(connection_string).get_container_client(container)
-    return BlobStore.created_if_missing(client, prefix)
+    return blob_store(container, prefix, connection_string)
