@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from turbofan_core.env_secrets import secret_from_env
+
 log = logging.getLogger(__name__)
 
 REGISTRY_FILENAME = "devices.json"
@@ -298,12 +300,7 @@ def device_from_authorization(
 def admin_key() -> str | None:
     """The admin key from `TURBOFAN_EDGE_ADMIN_KEY`, else from the file `TURBOFAN_EDGE_ADMIN_KEY_FILE`
     names (a missing file raises: a misconfiguration should not pass as "no key")."""
-    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
-    if not key:
-        key_file = os.environ.get(ADMIN_KEY_FILE_ENV, "").strip()
-        if key_file:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-    return key or None
+    return secret_from_env(ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV)
 
 
 def check_admin(header_value: str | None, key: str | None) -> None:

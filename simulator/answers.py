@@ -1,7 +1,8 @@
-"""The edge's answers as a simulated fleet sees them: each device's latest RUL, and counts by outcome.
+"""Transports that deliver one message at a time, and the edge's answers as the fleet sees them.
 
 The REST client (`EdgeClient`) gets an answer per request; devices speaking IoT Hub's protocol
-through the gateway (`IoTHubSender`) get theirs on their cloud-to-device topic. Both count here.
+through the gateway (`IoTHubSender`) get theirs on their cloud-to-device topic. Both count here,
+and both are `AcknowledgedTransport`s.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from types import TracebackType
 
 _KNOWN = ("duplicate", "scored", "accepted_unscored", "failure_event")
 
@@ -79,3 +81,50 @@ class Answers:
         with self._lock:
             scored = [(device, a) for device, a in self.latest.items() if a.p50 is not None]
         return sorted(scored, key=lambda item: item[1].p50)[:count]
+
+
+class AcknowledgedTransport:
+    """A `simulator.replay.Transport` whose every message is its own "file", closed once the
+    receiver acknowledged it, so a replay's copies (`duplicates`) go in the next round.
+    Subclasses send (calling `_acknowledged` for each message taken) and close."""
+
+    def __init__(self) -> None:
+        self.answers = Answers()
+        self.sent = 0
+        self._taken: dict[str, int] = {}  # device -> messages acknowledged
+
+    def _acknowledged(self, device_id: str) -> int:
+        """Count one more message of `device_id` taken; returns its "file" number."""
+        number = self._taken.get(device_id, 0)
+        self._taken[device_id] = number + 1
+        self.sent += 1
+        return number
+
+    @property
+    def files(self) -> int:
+        return self.sent
+
+    @property
+    def late_files(self) -> int:
+        """Never: each message is acknowledged before the next is sent."""
+        return 0
+
+    def closed_files(self, device_id: str) -> int:
+        return self._taken.get(device_id, 0)
+
+    def flush(self) -> None:
+        """Nothing waits here: a message is sent once acknowledged."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> AcknowledgedTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

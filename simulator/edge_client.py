@@ -18,12 +18,11 @@ import http.client
 import json
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from urllib.parse import urlsplit
 
 from edge_module.auth import make_sas_token
 from edge_module.forwarder import describe
-from simulator.answers import Answers, UnknownAnswer
+from simulator.answers import AcknowledgedTransport, UnknownAnswer
 from turbofan_core.capture import CaptureRecord
 
 DEFAULT_HUB_HOSTNAME = "turbofan-hub.azure-devices.net"
@@ -39,12 +38,10 @@ class EdgeError(Exception):
     """The edge did not take a message: unreachable for the whole retry budget, or an unexpected answer."""
 
 
-class EdgeClient:
+class EdgeClient(AcknowledgedTransport):
     """Sends replayed records to the edge at `url`, as the devices whose base64 keys `keys` holds.
 
-    It is a `simulator.replay.Transport`: every message is its own "file", closed once answered,
-    so a replay's copies (`duplicates`) are resent in the next round. `on_retry(failure,
-    seconds_left)` is called before each wait, for a progress display.
+    `on_retry(failure, seconds_left)` is called before each wait, for a progress display.
     """
 
     def __init__(
@@ -67,12 +64,11 @@ class EdgeClient:
         self.hostname = hostname
         self.retry_seconds = retry_seconds
         self.on_retry = on_retry
-        self.answers = Answers()
-        self.sent = self.retries = 0
+        super().__init__()
+        self.retries = 0
         self._path = parts.path.rstrip("/") + "/telemetry"
         self._connection = connection(parts.hostname, parts.port, timeout=timeout)
         self._tokens: dict[str, tuple[str, float]] = {}  # device -> (token, expiry)
-        self._answered: dict[str, int] = {}  # device -> messages answered
 
     def send(self, record: CaptureRecord, device_id: str) -> int:
         """Post `record` as `device_id` until answered; returns its "file": the device's earlier answers."""
@@ -91,40 +87,10 @@ class EdgeClient:
                 self.answers.count(device_id, answer)
             except UnknownAnswer as error:
                 raise EdgeError(f"the edge at {self.url} gave {error}") from None
-        number = self._answered.get(device_id, 0)
-        self._answered[device_id] = number + 1
-        self.sent += 1
-        return number
-
-    @property
-    def files(self) -> int:
-        """As a Transport: each message answered is delivered whole, like a file."""
-        return self.sent
-
-    @property
-    def late_files(self) -> int:
-        """Never: each message is answered before the next is sent."""
-        return 0
-
-    def closed_files(self, device_id: str) -> int:
-        return self._answered.get(device_id, 0)
-
-    def flush(self) -> None:
-        """Nothing waits here: `send` returns once the edge has the message (or refused it)."""
+        return self._acknowledged(device_id)
 
     def close(self) -> None:
         self._connection.close()
-
-    def __enter__(self) -> EdgeClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _token(self, device_id: str) -> str:
         """The device's SAS token, made once and renewed shortly before it expires."""

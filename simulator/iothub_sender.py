@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING
 
-from simulator.answers import Answers, UnknownAnswer
+from simulator.answers import AcknowledgedTransport, UnknownAnswer
 from turbofan_core.capture import CaptureRecord
 
 if TYPE_CHECKING:
@@ -38,11 +37,8 @@ def device_of(connection_string: str) -> str:
     return fields["DeviceId"]
 
 
-class IoTHubSender:
-    """A `simulator.replay.Transport` sending as the devices whose connection strings it holds.
-
-    Each message is its own "file", closed once acknowledged, as for the REST `EdgeClient`.
-    """
+class IoTHubSender(AcknowledgedTransport):
+    """Sends as the devices whose connection strings it holds."""
 
     def __init__(
         self,
@@ -52,11 +48,9 @@ class IoTHubSender:
     ) -> None:
         self.connection_strings = dict(connection_strings)
         self.server_verification_cert = server_verification_cert
+        super().__init__()
         self.on_connection = on_connection  # (device, connected): the SDK reconnects out of sight
-        self.answers = Answers()
-        self.sent = 0
         self._clients: dict[str, IoTHubDeviceClient] = {}
-        self._acknowledged: dict[str, int] = {}
 
     def _client(self, device_id: str) -> IoTHubDeviceClient:
         client = self._clients.get(device_id)
@@ -113,24 +107,7 @@ class IoTHubSender:
             self._client(device_id).send_message(message)
         except ClientError as error:
             raise IoTHubError(f"device {device_id} could not send: {type(error).__name__}: {error}") from None
-        number = self._acknowledged.get(device_id, 0)
-        self._acknowledged[device_id] = number + 1
-        self.sent += 1
-        return number
-
-    @property
-    def files(self) -> int:
-        return self.sent
-
-    @property
-    def late_files(self) -> int:
-        return 0
-
-    def closed_files(self, device_id: str) -> int:
-        return self._acknowledged.get(device_id, 0)
-
-    def flush(self) -> None:
-        """Nothing waits here: `send` returns once the message is acknowledged."""
+        return self._acknowledged(device_id)
 
     def close(self) -> None:
         """Wait a little for answers still on their way (through a gateway only), then disconnect."""
@@ -139,14 +116,3 @@ class IoTHubSender:
         for client in self._clients.values():
             client.shutdown()
         self._clients.clear()
-
-    def __enter__(self) -> IoTHubSender:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -13,12 +13,12 @@ import json
 import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
 
 from turbofan_core.deployment_manifest import model_reference, with_registry_credentials
+from turbofan_core.env_secrets import secret_from_env
 
 # The edge module's admin key, from the same variables the module reads (edge_module/auth.py).
 ADMIN_KEY_ENV = "TURBOFAN_EDGE_ADMIN_KEY"
@@ -54,18 +54,9 @@ class DeploymentTarget(ConfigurableResource):
         raise NotImplementedError
 
 
-def _secret(variable: str, file_variable: str) -> str | None:
-    """A secret from its variable, else from the file the other variable names (a missing file raises)."""
-    value = os.environ.get(variable, "").strip()
-    path = os.environ.get(file_variable, "").strip()
-    if not value and path:
-        value = Path(path).read_text(encoding="utf-8").strip()
-    return value or None
-
-
 def _admin_key() -> str:
     """The admin key as the edge module reads it."""
-    key = _secret(ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV)
+    key = secret_from_env(ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV)
     if key is None:
         raise RuntimeError(f"no edge admin key: set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}")
     return key
@@ -74,7 +65,7 @@ def _admin_key() -> str:
 def _with_registry_credentials(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest to send: with the image registry's credentials when they are configured."""
     username = os.environ.get(REGISTRY_USERNAME_ENV, "").strip()
-    password = _secret(REGISTRY_PASSWORD_ENV, REGISTRY_PASSWORD_FILE_ENV)
+    password = secret_from_env(REGISTRY_PASSWORD_ENV, REGISTRY_PASSWORD_FILE_ENV)
     if not username and password is None:
         return manifest
     if not username or password is None:
