@@ -83,6 +83,8 @@ test: install azurite chromium
 bench: install
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_edge.py
+	$(PY) bench/bench_gateway.py
 
 ui: install
 	$(VENV)/bin/turbofan ui
