@@ -8,11 +8,12 @@ one keeps serving. The previous model is kept for `rollback()`.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
@@ -46,11 +47,32 @@ def fetch(uri: str) -> bytes:
     if parsed.scheme in ("", "file"):
         return Path(parsed.path if parsed.scheme else uri).read_bytes()
     if parsed.scheme in ("http", "https"):
-        from azure.storage.blob import BlobClient
-
-        blob = BlobClient.from_blob_url(uri, retry_total=2, connection_timeout=5, read_timeout=30)
-        return blob.download_blob().readall()
+        return _fetch_blob(uri)
     raise ModelRefused(f"unsupported bundle URI scheme {parsed.scheme!r}")
+
+
+def _fetch_blob(url: str) -> bytes:
+    """A blob: read with the account of AZURE_STORAGE_CONNECTION_STRING when the URL is on it (a
+    private model store, the pipeline's own setting), else as the URL itself allows (SAS, public)."""
+    from azure.storage.blob import BlobClient
+
+    from turbofan_core import azure_settings
+
+    if os.environ.get(azure_settings.STORAGE_CONNECTION_STRING_ENV, "").strip():
+        account = azure_settings.storage_account()
+        container, _, name = url.removeprefix(account.account_url + "/").partition("/")
+        if url.startswith(account.account_url + "/") and name:
+            with azure_settings.storage_errors_named(account):
+                blob = azure_settings.blob_service_client().get_blob_client(container, unquote(name))
+                return blob.download_blob().readall()
+    policy = azure_settings.client_policy()
+    blob = BlobClient.from_blob_url(
+        url,
+        retry_total=policy.retries,
+        connection_timeout=policy.connect_timeout_s,
+        read_timeout=policy.read_timeout_s,
+    )
+    return blob.download_blob().readall()
 
 
 def load(reference: ModelReference) -> LoadedModel:

@@ -30,7 +30,7 @@ from turbofan_core.bundle import ModelBundle, write_bundle
 from turbofan_core.cmapss import read_cmapss
 from turbofan_core.deployment_manifest import DEFAULT_IMAGE, ManifestSettings, build
 from turbofan_core.features import FeatureSpec
-from turbofan_core.storage import LocalStore
+from turbofan_core.storage import LocalStore, blob_store_from_connection_string
 from turbofan_core.telemetry import FIELDS
 from turbofan_warehouse.ingest import ingest_new_files
 
@@ -465,3 +465,29 @@ def test_a_deployment_manifest_names_the_model_served_at_start(tmp_path: Path, b
     )
     assert done.returncode == 2
     assert "modulesContent.turbofan.properties.desired.model.sha256: missing" in done.stderr
+
+
+def test_a_bundle_in_a_private_blob_container_is_fetched_with_the_storage_setting(
+    tmp_path: Path, bundles, azurite, blob_container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model store in a private container: the edge reads the bundle with the account of
+    AZURE_STORAGE_CONNECTION_STRING, the setting the pipeline writes it with; without the setting
+    the same URL is refused with its reason, and nothing else changes."""
+    bundle, _ = bundles["1"]
+    store = blob_store_from_connection_string(azurite.connection_string, blob_container)
+    url = store.location + write_bundle(store, bundle)
+    reference = {"version": "1", "uri": url, "sha256": bundle.sha256}
+
+    without = start_edge(tmp_path / "anonymous", tmp_path / "landing")
+    try:
+        status, answer = without.admin("PUT", "/admin/model", reference)
+        assert status == 422 and "cannot fetch" in answer["detail"], answer
+    finally:
+        without.stop(signal.SIGTERM)
+
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    edge = start_edge(tmp_path / "state", tmp_path / "landing", ("1", url, bundle.sha256))
+    try:
+        assert edge.call("GET", "/model")[1]["source"] == url
+    finally:
+        edge.stop(signal.SIGTERM)
