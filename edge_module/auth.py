@@ -17,16 +17,15 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from turbofan_core.atomic_file import write_atomically
 from turbofan_core.env_secrets import secret_from_env
 
 log = logging.getLogger(__name__)
@@ -168,31 +167,14 @@ class DeviceRegistry:
             self._save({key: value for key, value in self._devices.items() if key != device_id})
 
     def _save(self, devices: dict[str, DeviceIdentity]) -> None:
-        """Write to a 0o600 temp file beside the target, fsync, rename over it, then publish."""
+        """Replace the file whole (mode 0o600), then publish the new view."""
         document = {
             "devices": {
                 device_id: {"primary_key": identity.primary_key, "secondary_key": identity.secondary_key}
                 for device_id, identity in sorted(devices.items())
             }
         }
-        data = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, _FILE_MODE)  # mkstemp's mode is subject to the umask; this is not
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
+        write_atomically(self.path, (json.dumps(document, indent=2) + "\n").encode("utf-8"), _FILE_MODE)
         self._devices = devices
 
 

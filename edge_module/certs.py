@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from turbofan_core.atomic_file import write_atomically
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 VALID_DAYS = 365
@@ -95,15 +96,6 @@ def make_server_cert(host: str, ca_cert_pem: bytes, ca_key_pem: bytes) -> tuple[
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
-    """Write via a temp file and rename, so a crash never leaves half a certificate or key."""
-    staging = path.with_name(f".{path.name}.tmp")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    staging.replace(path)
-
-
 def write_certs(folder: Path, host: str) -> CertPaths:
     """A server certificate for `host` in `folder`, signed by the folder's CA (created on first use,
     so devices keep trusting the same CA when certificates for more hosts are made)."""
@@ -112,10 +104,10 @@ def write_certs(folder: Path, host: str) -> CertPaths:
     ca_cert, ca_key = folder / CA_CERT, folder / CA_KEY
     if not (ca_cert.exists() and ca_key.exists()):
         cert_pem, key_pem = make_ca()
-        _write(ca_key, key_pem, private=True)
-        _write(ca_cert, cert_pem, private=False)
+        write_atomically(ca_key, key_pem, 0o600)
+        write_atomically(ca_cert, cert_pem, 0o644)
     cert_pem, key_pem = make_server_cert(host, ca_cert.read_bytes(), ca_key.read_bytes())
     paths = CertPaths(ca_cert, folder / f"{host}.pem", folder / f"{host}.key")
-    _write(paths.server_key, key_pem, private=True)
-    _write(paths.server_cert, cert_pem, private=False)
+    write_atomically(paths.server_key, key_pem, 0o600)
+    write_atomically(paths.server_cert, cert_pem, 0o644)
     return paths

@@ -35,6 +35,7 @@ import orjson
 from edge_module import mqtt
 from edge_module.auth import AuthError, token_expiry
 from edge_module.messages import Incoming
+from turbofan_core.atomic_file import write_atomically
 
 if TYPE_CHECKING:
     from edge_module.service import Edge
@@ -43,8 +44,14 @@ log = logging.getLogger(__name__)
 
 # IoT Hub's 256 KB message limit, plus the topic and its properties.
 MAX_PACKET_BYTES = 256 * 1024 + 16 * 1024
-CONNECT_SECONDS = 10.0
-SESSIONS_FILENAME = "gateway_sessions.json"  # for the TLS handshake and then for the CONNECT packet
+# A CONNECT holds a client id (128 characters at most), a username and a SAS token (2 kB at most):
+# before a device is authenticated, the gateway reads no more than this from it.
+MAX_CONNECT_BYTES = 4096
+MAX_CONNECTING = 64  # connections between the TLS handshake and an authenticated CONNECT
+CONNECT_SECONDS = 10.0  # for the TLS handshake and then for the CONNECT packet
+# IoT Hub's longest keep-alive is 1,177 s; a client that asked for none is still dropped after this.
+MAX_IDLE_SECONDS = 1.5 * 1177
+SESSIONS_FILENAME = "gateway_sessions.json"
 _TELEMETRY_TOPIC = re.compile(r"devices/([^/]+)/messages/events/(.*)", re.DOTALL)
 _SYSTEM_PROPERTIES = {"$.mid": "message_id", "$.ct": "content_type", "$.ce": "content_encoding"}
 
@@ -92,13 +99,12 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._connections: dict[str, _Connection] = {}
         self._pending: list[tuple[_Connection, Incoming, int | None]] = []  # for the next Edge.receive
-        # Each device's subscriptions, kept across reconnects and restarts as IoT Hub keeps a session
-        # that was not clean: the SDK subscribes once and does not subscribe again on reconnecting.
+        self._connecting = 0
+        # Each device's session: the QoS of its cloud-to-device subscription (the only one served),
+        # kept across reconnects and restarts as IoT Hub keeps a session that was not clean: the
+        # SDK subscribes once and does not subscribe again when it reconnects.
         self._sessions_path = edge.config.state_dir / SESSIONS_FILENAME
-        self._sessions: dict[str, set[str]] = {}
-        if self._sessions_path.exists():
-            saved = json.loads(self._sessions_path.read_text())
-            self._sessions = {device: set(filters) for device, filters in saved.items()}
+        self._sessions = self._load_sessions()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -116,11 +122,33 @@ class Gateway:
                 connection.close()
             await self._server.wait_closed()
 
+    def _load_sessions(self) -> dict[str, int]:
+        """The saved sessions of devices still registered; an unreadable file is no sessions (devices
+        then subscribe again when told their session is gone), never a gateway that cannot start."""
+        try:
+            saved = json.loads(self._sessions_path.read_text())
+            return {device: min(int(qos), 1) for device, qos in saved.items() if self.edge.registered(device)}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, AttributeError) as error:
+            log.warning(
+                "gateway: %s is unreadable, starting without sessions: %s", self._sessions_path, error
+            )
+            return {}
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         connection = None
+        if self._connecting >= MAX_CONNECTING:  # before authentication, a client costs the gateway
+            log.warning("gateway: %d connections waiting to authenticate; closing %s", self._connecting, peer)
+            writer.close()
+            return
         try:
-            connection = await asyncio.wait_for(self._connect(reader, writer, peer), CONNECT_SECONDS)
+            self._connecting += 1
+            try:
+                connection = await asyncio.wait_for(self._connect(reader, writer, peer), CONNECT_SECONDS)
+            finally:
+                self._connecting -= 1
             if connection is not None:
                 await connection.run()
         except (mqtt.ProtocolError, OSError, asyncio.IncompleteReadError, TimeoutError) as error:
@@ -134,7 +162,7 @@ class Gateway:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
     ) -> _Connection | None:
         """The device's connection once its CONNECT is authenticated; None after a refusal."""
-        packet = await mqtt.read_packet(reader, MAX_PACKET_BYTES)
+        packet = await mqtt.read_packet(reader, MAX_CONNECT_BYTES)
         if packet.kind != mqtt.CONNECT:
             raise mqtt.ProtocolError("the first packet must be CONNECT")
         connect = mqtt.parse_connect(packet)
@@ -151,9 +179,9 @@ class Gateway:
         previous = self._connections.get(device_id)
         if previous is not None:  # a device has one connection: the new one takes over
             previous.close()
-        present = not connect.clean_session and device_id in self._sessions
-        if connect.clean_session or not present:
-            self.set_subscriptions(device_id, set())
+        if connect.clean_session:
+            self.set_session(device_id, None)
+        present = device_id in self._sessions
         connection = _Connection(self, device_id, reader, writer, connect.keep_alive, expiry)
         self._connections[device_id] = connection
         writer.write(mqtt.connack(present, mqtt.ACCEPTED))
@@ -182,14 +210,13 @@ class Gateway:
         pending, self._pending = self._pending, []
         try:
             results = self.edge.receive([incoming for _, incoming, _ in pending], durable=False)
-        except (sqlite3.Error, OSError) as error:
-            log.warning(
-                "gateway: could not store %d messages (their devices send them again): %s",
-                len(pending),
-                error,
-            )
+        except Exception as error:  # nothing is acknowledged: the devices send the messages again
+            if isinstance(error, (sqlite3.Error, OSError)):
+                log.warning("gateway: could not store %d messages: %s", len(pending), error)
+            else:
+                log.exception("gateway: %d messages failed", len(pending))
             for connection in {connection for connection, _, _ in pending}:
-                connection.close()  # nothing acknowledged
+                connection.close()
             return
         for (connection, _, packet_id), result in zip(pending, results, strict=True):
             connection.acknowledge_later(packet_id, result)
@@ -197,17 +224,19 @@ class Gateway:
     def connected(self) -> int:
         return len(self._connections)
 
-    def subscriptions(self, device_id: str) -> frozenset[str]:
-        return frozenset(self._sessions.get(device_id, ()))
+    def answer_qos(self, device_id: str) -> int | None:
+        """The QoS the device's cloud-to-device subscription was granted; None: not subscribed."""
+        return self._sessions.get(device_id)
 
-    def set_subscriptions(self, device_id: str, filters: set[str]) -> None:
-        """Change a device's session, saved (by rename, whole) before the broker acknowledges it."""
-        if self._sessions.get(device_id) == filters:
+    def set_session(self, device_id: str, qos: int | None) -> None:
+        """Change a device's session (None: none), saved whole before the device is answered."""
+        if self._sessions.get(device_id) == qos:
             return
-        self._sessions[device_id] = filters
-        staging = self._sessions_path.with_name(f".{self._sessions_path.name}.tmp")
-        staging.write_text(json.dumps({device: sorted(f) for device, f in self._sessions.items()}))
-        staging.replace(self._sessions_path)
+        if qos is None:
+            del self._sessions[device_id]
+        else:
+            self._sessions[device_id] = qos
+        write_atomically(self._sessions_path, json.dumps(self._sessions, sort_keys=True).encode(), 0o600)
 
 
 class _Connection:
@@ -229,7 +258,7 @@ class _Connection:
         self.writer = writer
         # MQTT: a client silent for 1.5 keep-alive periods is gone. IoT Hub also ends a connection
         # when its SAS token expires (the SDK reconnects with a new one before that).
-        self.idle_seconds = 1.5 * keep_alive if keep_alive else None
+        self.idle_seconds = min(1.5 * keep_alive, MAX_IDLE_SECONDS) if keep_alive else MAX_IDLE_SECONDS
         self.expiry = expiry
         self._acks: asyncio.Queue[tuple[int | None, dict]] = asyncio.Queue()
         self._next_id = 0
@@ -241,23 +270,23 @@ class _Connection:
         acknowledging = asyncio.create_task(self._acknowledge())
         try:
             while True:
-                timeout = self.expiry - time.time()
+                timeout = min(self.expiry - time.time(), self.idle_seconds)
                 if timeout <= 0:
                     return
-                if self.idle_seconds is not None:
-                    timeout = min(timeout, self.idle_seconds)
                 packet = await asyncio.wait_for(mqtt.read_packet(self.reader, MAX_PACKET_BYTES), timeout)
-                if acknowledging.done():  # it failed: stop reading, the device will send again
-                    acknowledging.result()
+                if acknowledging.done():  # the store failed: stop reading, the device sends again
+                    return
+                if not self.edge.registered(self.device_id):
+                    log.warning("gateway: device %r was removed from the registry; closing", self.device_id)
+                    return
                 if packet.kind == mqtt.PUBLISH:
                     self._publish(mqtt.parse_publish(packet))
                 elif packet.kind == mqtt.SUBSCRIBE:
                     self._subscribe(*mqtt.parse_subscribe(packet))
                 elif packet.kind == mqtt.UNSUBSCRIBE:
                     packet_id, filters = mqtt.parse_unsubscribe(packet)
-                    self.gateway.set_subscriptions(
-                        self.device_id, self.gateway.subscriptions(self.device_id) - set(filters)
-                    )
+                    if c2d_filter(self.device_id) in filters:
+                        self.gateway.set_session(self.device_id, None)
                     self.writer.write(mqtt.unsuback(packet_id))
                 elif packet.kind == mqtt.PINGREQ:
                     self.writer.write(mqtt.pingresp())
@@ -292,24 +321,25 @@ class _Connection:
             except OSError as error:
                 log.warning("gateway: store failed to sync, closing %r: %s", self.device_id, error)
                 self.close()  # nothing acknowledged: the device sends it again
-                raise
+                return
             if packet_id is not None:
                 self.writer.write(mqtt.puback(packet_id))
-            granted = c2d_filter(self.device_id) in self.gateway.subscriptions(self.device_id)
-            if granted:
-                self._answer(result)
+            qos = self.gateway.answer_qos(self.device_id)
+            if qos is not None:
+                self._answer(result, qos)
 
-    def _answer(self, result: dict) -> None:
+    def _answer(self, result: dict, qos: int) -> None:
         self._next_id = self._next_id % 0xFFFF + 1
         properties = f"%24.cid={quote(result['message_id'], safe='')}&%24.ct=application%2Fjson&%24.ce=utf-8"
         topic = f"devices/{self.device_id}/messages/devicebound/{properties}"
-        self.writer.write(mqtt.publish(topic, orjson.dumps(result), 1, self._next_id))
+        self.writer.write(mqtt.publish(topic, orjson.dumps(result), qos, self._next_id if qos else None))
 
     def _subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> None:
         allowed = c2d_filter(self.device_id)
         codes = [
             min(qos, 1) if topic_filter == allowed else mqtt.SUBSCRIBE_FAILED for topic_filter, qos in filters
         ]
-        if any(topic_filter == allowed for topic_filter, _ in filters):
-            self.gateway.set_subscriptions(self.device_id, {allowed})
+        for (topic_filter, _), granted in zip(filters, codes, strict=True):
+            if topic_filter == allowed:
+                self.gateway.set_session(self.device_id, granted)
         self.writer.write(mqtt.suback(packet_id, codes))

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 
 # CONNACK return codes.
-ACCEPTED, BAD_PROTOCOL, BAD_CLIENT_ID, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 1, 2, 4, 5
+ACCEPTED, NOT_AUTHORIZED = 0, 5
 SUBSCRIBE_FAILED = 0x80
 
 # The fixed-header flags the specification requires for each client packet; others are malformed.
@@ -38,7 +38,7 @@ class Packet:
 class Connect:
     client_id: str
     username: str | None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # the SAS token
     clean_session: bool = True
     keep_alive: int = 0
 
@@ -110,7 +110,7 @@ class _Fields:
 
 
 def parse_connect(packet: Packet) -> Connect:
-    """CONNECT; BAD_PROTOCOL is the caller's to answer for a level other than 3.1.1 (ProtocolError)."""
+    """CONNECT; anything but MQTT 3.1.1 is a ProtocolError (the connection is closed)."""
     fields = _Fields(packet.body)
     if fields.text() != "MQTT" or fields.u8() != 4:
         raise ProtocolError("only MQTT 3.1.1 is spoken here")
@@ -143,7 +143,10 @@ def parse_subscribe(packet: Packet) -> tuple[int, list[tuple[str, int]]]:
     fields = _Fields(packet.body)
     packet_id, filters = fields.u16(), []
     while not fields.done:
-        filters.append((fields.text(), fields.u8() & 0x03))
+        topic_filter, options = fields.text(), fields.u8()
+        if options > 2:
+            raise ProtocolError(f"SUBSCRIBE with requested QoS byte {options:#x}")
+        filters.append((topic_filter, options))
     if not filters:
         raise ProtocolError("SUBSCRIBE without a topic filter")
     return packet_id, filters
@@ -154,6 +157,8 @@ def parse_unsubscribe(packet: Packet) -> tuple[int, list[str]]:
     packet_id, filters = fields.u16(), []
     while not fields.done:
         filters.append(fields.text())
+    if not filters:
+        raise ProtocolError("UNSUBSCRIBE without a topic filter")
     return packet_id, filters
 
 

@@ -57,6 +57,7 @@ from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, Mo
 from edge_module.scoring import DeviceFeatures
 from edge_module.store import EdgeStore, HistoryEntry
 from edge_module.telemetry_endpoint import TelemetryEndpoint
+from turbofan_core.atomic_file import write_atomically
 from turbofan_core.capture import device_message, format_enqueued_time
 from turbofan_core.features import StreamingFeatures
 from turbofan_core.storage import ObjectStore
@@ -182,26 +183,31 @@ class Edge:
         path = self.devices.path
         return path.stat().st_mtime_ns if path.exists() else None
 
+    def _current_devices(self) -> DeviceRegistry:
+        """The registry, read again whenever its file changed (`turbofan devices create | remove`,
+        another process), forgetting every token verified under the old one: a removed device is
+        refused at once."""
+        version = self._registry_version()
+        if version != self._devices_version:
+            self.devices, self._devices_version = DeviceRegistry.load(self.devices.path), version
+            self._verified.clear()
+        return self.devices
+
+    def registered(self, device_id: str) -> bool:
+        return self._current_devices().get(device_id) is not None
+
     def authenticate(self, authorization: str | None) -> str:
-        """The device the SAS token names; a device created since the start (`turbofan simulate
-        --register`, another process) is found by reading the registry again when it changed.
+        """The device the SAS token names, in the registry as it is now.
 
         A verified token is remembered until it expires (or the registry changes): a device sends
         thousands of messages with one token, and each check is an HMAC.
         """
         now = time.time()
+        devices = self._current_devices()
         known = self._verified.get(authorization or "")
         if known is not None and known[1] > now:
             return known[0]
-        try:
-            device = device_from_authorization(authorization, self.devices, now=now)
-        except AuthError:
-            version = self._registry_version()
-            if version == self._devices_version:
-                raise
-            self.devices, self._devices_version = DeviceRegistry.load(self.devices.path), version
-            self._verified.clear()
-            device = device_from_authorization(authorization, self.devices, now=now)
+        device = device_from_authorization(authorization, devices, now=now)
         if len(self._verified) > MAX_VERIFIED_TOKENS:
             self._verified.clear()
         self._verified[authorization] = (device, token_expiry(authorization.strip()))
@@ -219,10 +225,9 @@ class Edge:
         with self._lock:
             loaded = self.slot.install(loaded)
             self._activate(loaded)
-        path = self.config.state_dir / DESIRED_MODEL
-        staging = path.with_suffix(".tmp")
-        staging.write_text(json.dumps(reference.__dict__))
-        staging.replace(path)
+        write_atomically(
+            self.config.state_dir / DESIRED_MODEL, json.dumps(reference.__dict__).encode(), 0o644
+        )
         return loaded
 
     def rollback(self) -> LoadedModel:

@@ -269,3 +269,48 @@ def _raw_client(edge: Edge, ca: Path, device: str) -> tuple[paho.Client, threadi
     client.loop_start()
     assert connected.wait(30)
     return client, event
+
+
+def test_a_removed_device_is_disconnected_and_refused(gateway_edge) -> None:
+    edge, ca = gateway_edge
+    client, closed = _raw_client(edge, ca, "Gw_002")
+    try:
+        DeviceRegistry.load(edge.state / "devices.json").remove("Gw_002")  # `turbofan devices remove`
+        client.publish("devices/Gw_002/messages/events/", b'{"CycleTime": 1}', qos=1)
+        assert closed.wait(30)
+    finally:
+        client.loop_stop()
+    assert (
+        _raw_connect(
+            edge, ca, "Gw_002", make_sas_token(HUB, "Gw_002", edge.registry.get("Gw_002").primary_key)
+        )
+        == 5
+    )
+    assert _messages_received(edge) == 0
+
+
+def test_before_authentication_a_client_is_read_only_a_small_connect(gateway_edge) -> None:
+    """A CONNECT announcing more than a few kilobytes is refused before its body is read: an
+    unauthenticated client cannot make the gateway hold a message-sized buffer."""
+    edge, ca = gateway_edge
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection((_host(edge), PORT), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=_host(edge)) as tls,
+    ):
+        tls.sendall(b"\x10\xa0\x9c\x01")  # CONNECT, remaining length 20,000
+        assert tls.recv(16) == b""  # closed, with no CONNACK
+
+
+def test_an_unreadable_sessions_file_does_not_stop_the_edge(tmp_path: Path, bundles) -> None:  # noqa: F811
+    host = f"127.0.0.{next(_addresses)}"
+    certs = write_certs(tmp_path / "certs", host)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "gateway_sessions.json").write_text("{not json")  # as a torn write would leave it
+    options = ("--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key))
+    edge = start_edge(state, tmp_path / "landing", host=host, options=options)
+    try:
+        assert edge.call("GET", "/healthz")[0] == 200
+    finally:
+        edge.stop(signal.SIGTERM)
