@@ -33,6 +33,7 @@ from edge_module.auth import (
     token_expiry,
     verify_sas_token,
 )
+from turbofan_core import atomic_file
 
 HUB = "turbofan-hub.azure-devices.net"
 # Every symbol IoT Hub allows, so percent-encoding and '=' in connection strings are exercised.
@@ -341,7 +342,7 @@ def test_failed_write_changes_nothing(registry: DeviceRegistry, monkeypatch: pyt
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(auth.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic_file.os, "replace", broken_replace)  # the disk fails, not our code
     with pytest.raises(OSError, match="disk full"):
         registry.create("Client_003")
     with pytest.raises(OSError, match="disk full"):
