@@ -254,7 +254,8 @@ def test_deploying_through_iot_hub_sends_the_signed_manifest(
     assert request.body == {"modulesContent": stored_manifest(home, sha256)["modulesContent"]}
     assert iothub.applied[EDGE_DEVICE] == request.body
     rows, current = recorded(home)
-    assert rows == [(sha256, version, f"iothub:{EDGE_DEVICE}", "applied", None)]
+    # Sent, not applied: the device's edgeAgent applies it later, out of the hub's answer.
+    assert rows == [(sha256, version, f"iothub:{EDGE_DEVICE}", "sent", None)]
 
 
 def test_iot_hub_gets_registry_credentials_that_are_never_stored_or_shown(
@@ -288,7 +289,7 @@ def test_a_deployment_iot_hub_refuses_is_recorded_and_fails(
 ) -> None:
     promote(home, bundles[0])
     assert deploy(home).success
-    [(applied, *_)], _ = recorded(home)
+    [(sent, *_)], _ = recorded(home)
 
     promote(home, bundles[1])
     monkeypatch.setenv(IOTHUB_DEVICE_ENV, "no-such-device")
@@ -296,7 +297,7 @@ def test_a_deployment_iot_hub_refuses_is_recorded_and_fails(
     assert not result.success
     assert "DeviceNotFound" in result.failure_data_for_node("edge_deployment").user_failure_data.description
     rows, current = recorded(home)
-    assert [row[3] for row in rows] == ["applied", "refused"]
+    assert [row[3] for row in rows] == ["sent", "refused"]
     assert rows[1][2] == "iothub:no-such-device"
     assert "DeviceNotFound" in rows[1][4]
-    assert current.manifest_sha256 == applied
+    assert current.manifest_sha256 == sent

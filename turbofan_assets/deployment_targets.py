@@ -19,6 +19,7 @@ from dagster import ConfigurableResource
 
 from turbofan_core.deployment_manifest import model_reference, with_registry_credentials
 from turbofan_core.env_secrets import secret_from_env
+from turbofan_warehouse.deployments import APPLIED, SENT
 
 # The edge module's admin key, from the same variables the module reads (edge_module/auth.py).
 ADMIN_KEY_ENV = "TURBOFAN_EDGE_ADMIN_KEY"
@@ -42,6 +43,10 @@ class DeploymentRefused(Exception):
         self.reason = reason
 
 
+class _NoAnswer(DeploymentRefused):
+    """The target could not be reached, or its answer was lost: the manifest may have been applied."""
+
+
 class DeploymentTarget(ConfigurableResource):
     """What `edge_deployment` asks for: somewhere a manifest can be applied."""
 
@@ -49,8 +54,9 @@ class DeploymentTarget(ConfigurableResource):
         """How the deployments table names this target."""
         raise NotImplementedError
 
-    def apply(self, manifest: dict[str, Any]) -> None:
-        """Apply the (validated) manifest, or raise DeploymentRefused with the target's reason."""
+    def apply(self, manifest: dict[str, Any]) -> str:
+        """Apply the (validated) manifest: APPLIED (it serves it) or SENT (it took it and applies it
+        on its own), or raise DeploymentRefused with the target's reason."""
         raise NotImplementedError
 
 
@@ -86,15 +92,28 @@ class LocalEdge(DeploymentTarget):
     def name(self) -> str:
         return f"local:{self.url.rstrip('/')}"
 
-    def apply(self, manifest: dict[str, Any]) -> None:
+    def apply(self, manifest: dict[str, Any]) -> str:
+        """Set the model, then ask what the edge serves: that, not the PUT's answer, is the result (a
+        PUT that timed out may still have switched the model; one that was refused did not)."""
         wanted = model_reference(manifest)
-        self._call("PUT", "/admin/model", wanted, {"Authorization": f"Bearer {_admin_key()}"})
-        served = self._call("GET", "/model")
-        if served.get("sha256") != wanted["sha256"]:  # the bundle's hash is the model's identity
-            raise DeploymentRefused(
-                f"the edge accepted version {wanted['version']} ({wanted['sha256']}) but serves "
-                f"version {served.get('version')} ({served.get('sha256')})"
-            )
+        try:
+            self._call("PUT", "/admin/model", wanted, {"Authorization": f"Bearer {_admin_key()}"})
+        except _NoAnswer as lost:  # a refusal the edge answered is final; this outcome is unknown
+            failure: DeploymentRefused | None = lost
+        else:
+            failure = None
+        try:
+            served = self._call("GET", "/model")
+        except DeploymentRefused:
+            served = {}
+        if served.get("sha256") == wanted["sha256"]:  # the bundle's hash is the model's identity
+            return APPLIED
+        if failure is not None:
+            raise failure
+        raise DeploymentRefused(
+            f"the edge accepted version {wanted['version']} ({wanted['sha256']}) but serves "
+            f"version {served.get('version')} ({served.get('sha256')})"
+        )
 
     def _call(
         self,
@@ -116,7 +135,7 @@ class LocalEdge(DeploymentTarget):
         except urllib.error.HTTPError as error:
             raise DeploymentRefused(f"{method} {url} answered {error.code}: {_detail(error)}") from None
         except (OSError, ValueError) as error:  # unreachable, timed out, or not JSON
-            raise DeploymentRefused(f"{method} {url} failed: {type(error).__name__}: {error}") from None
+            raise _NoAnswer(f"{method} {url} failed: {type(error).__name__}: {error}") from None
 
 
 def _detail(error: urllib.error.HTTPError) -> str:
@@ -137,7 +156,9 @@ class IoTHubEdge(DeploymentTarget):
     def name(self) -> str:
         return f"iothub:{self.device_id}"
 
-    def apply(self, manifest: dict[str, Any]) -> None:
+    def apply(self, manifest: dict[str, Any]) -> str:
+        """SENT once IoT Hub takes the configuration: the device's edgeAgent applies it later, and the
+        turbofan module does not yet read its twin's desired model (docs/architecture.md)."""
         from azure.iot.hub.models import ConfigurationContent
 
         from turbofan_core.azure_settings import IoTHubError, SettingError, iothub_configuration_manager
@@ -148,6 +169,7 @@ class IoTHubEdge(DeploymentTarget):
             manager.apply_configuration_on_edge_device(self.device_id, content)
         except (IoTHubError, SettingError) as error:  # a refusal, or a hub that cannot be reached
             raise DeploymentRefused(str(error)) from None
+        return SENT
 
 
 def deployment_target() -> DeploymentTarget:

@@ -1,7 +1,9 @@
-"""Deployments: every manifest sent to an edge target, and whether the target applied or refused it.
+"""Deployments: every manifest sent to an edge target, and what became of it.
 
-A refused deployment is recorded too, with the target's reason; the deployment in service
-(`current`) is the last one a target applied, so a refusal leaves the previous one current.
+`applied`: the target serves it (the local edge confirmed the model). `sent`: the target took it
+and applies it on its own (IoT Hub, whose device's edgeAgent then runs it). `refused`: the
+target's reason is kept. The deployment in service (`current`) is the last one applied or sent,
+so a refusal leaves the previous one current.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-APPLIED, REFUSED = "applied", "refused"
+APPLIED, SENT, REFUSED = "applied", "sent", "refused"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS deployments (
@@ -19,7 +21,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     manifest_sha256 VARCHAR NOT NULL,
     model_version INTEGER NOT NULL,
     target VARCHAR NOT NULL,
-    result VARCHAR NOT NULL CHECK (result IN ('{APPLIED}', '{REFUSED}')),
+    result VARCHAR NOT NULL CHECK (result IN ('{APPLIED}', '{SENT}', '{REFUSED}')),
     reason VARCHAR,
     run_id VARCHAR
 );
@@ -49,17 +51,22 @@ def record(
     manifest_sha256: str,
     model_version: int,
     target: str,
+    result: str,
     reason: str | None,
     run_id: str | None,
 ) -> Deployment:
-    """Append one deployment: applied when `reason` is None, else refused for that reason."""
+    """Append one deployment: `result` APPLIED or SENT, or REFUSED with its `reason`."""
+    if result not in (APPLIED, SENT, REFUSED) or (result == REFUSED) != (reason is not None):
+        raise ValueError(
+            f"a deployment is applied, sent, or refused with a reason; got {result!r}, {reason!r}"
+        )
     ensure_deployments(conn)
     deployment = Deployment(
         deployed_at=datetime.now(UTC).replace(tzinfo=None),
         manifest_sha256=manifest_sha256,
         model_version=model_version,
         target=target,
-        result=APPLIED if reason is None else REFUSED,
+        result=result,
         reason=reason,
         run_id=run_id,
     )
@@ -79,10 +86,12 @@ def record(
 
 
 def current(conn: duckdb.DuckDBPyConnection, target: str | None = None) -> Deployment | None:
-    """The deployment in service: the last one applied (to `target`, when given); None if none was."""
-    where, args = ("AND target = ?", [APPLIED, target]) if target is not None else ("", [APPLIED])
+    """The deployment in service: the last one applied or sent (to `target`, when given); None if
+    none was."""
+    where, args = ("AND target = ?", [target]) if target is not None else ("", [])
     row = conn.execute(
-        f"SELECT * FROM deployments WHERE result = ? {where} ORDER BY deployed_at DESC, rowid DESC LIMIT 1",
+        f"SELECT * FROM deployments WHERE result IN ('{APPLIED}', '{SENT}') {where} "
+        "ORDER BY deployed_at DESC, rowid DESC LIMIT 1",
         args,
     ).fetchone()
     return Deployment(*row) if row is not None else None

@@ -120,17 +120,19 @@ def edge_deployment(
     target = deployment_target.name()
     refusal = None
     try:
-        deployment_target.apply(manifest)
+        result = deployment_target.apply(manifest)
     except DeploymentRefused as error:
-        refusal = error.reason
+        result, refusal = deployments.REFUSED, error.reason
     with warehouse.get_connection() as conn:
-        deployments.record(conn, edge_deployment_manifest, version, target, refusal, context.run.run_id)
+        deployments.record(
+            conn, edge_deployment_manifest, version, target, result, refusal, context.run.run_id
+        )
         in_service = deployments.current(conn, target)
     metadata: dict[str, Any] = {
         "target": target,
         "manifest_sha256": edge_deployment_manifest,
         "model_version": version,
-        "result": deployments.APPLIED if refusal is None else deployments.REFUSED,
+        "result": result,
     }
     if in_service is not None:
         metadata |= {
@@ -142,5 +144,5 @@ def edge_deployment(
             f"{target} refused manifest {edge_deployment_manifest} (model version {version}): {refusal}",
             metadata={**metadata, "reason": refusal},
         )
-    context.log.info(f"{target} applied manifest {edge_deployment_manifest}: model version {version}")
+    context.log.info(f"{target}: manifest {edge_deployment_manifest} {result}, model version {version}")
     return MaterializeResult(metadata=metadata)
