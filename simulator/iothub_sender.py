@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from simulator.answers import AcknowledgedTransport, UnknownAnswer
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ANSWER_WAIT_SECONDS = 10.0
+
+
+def _sdk_errors() -> tuple[type[Exception], ...]:
+    """What the SDK raises for a failed connect or send (timeouts and cancellations are not its
+    ClientErrors)."""
+    from azure.iot.device.exceptions import ClientError, OperationCancelled, OperationTimeout
+
+    return ClientError, OperationCancelled, OperationTimeout
 
 
 class IoTHubError(Exception):
@@ -45,19 +54,21 @@ class IoTHubSender(AcknowledgedTransport):
         connection_strings: Mapping[str, str],
         server_verification_cert: str | None = None,
         on_connection: Callable[[str, bool], None] | None = None,
+        acknowledge_seconds: float = 120.0,
     ) -> None:
         self.connection_strings = dict(connection_strings)
         self.server_verification_cert = server_verification_cert
         super().__init__()
         self.on_connection = on_connection  # (device, connected): the SDK reconnects out of sight
         self._clients: dict[str, IoTHubDeviceClient] = {}
+        self.acknowledge_seconds = acknowledge_seconds  # how long one message may wait for its PUBACK
+        self._sending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iothub-send")
 
     def _client(self, device_id: str) -> IoTHubDeviceClient:
         client = self._clients.get(device_id)
         if client is not None:
             return client
         from azure.iot.device import IoTHubDeviceClient
-        from azure.iot.device.exceptions import ClientError
 
         options = {}
         if self.server_verification_cert is not None:
@@ -71,7 +82,7 @@ class IoTHubSender(AcknowledgedTransport):
             client.connect()
         except KeyError:
             raise IoTHubError(f"no connection string for device {device_id}") from None
-        except (ClientError, ValueError) as error:
+        except (*_sdk_errors(), ValueError) as error:
             raise IoTHubError(
                 f"device {device_id} could not connect: {type(error).__name__}: {error}"
             ) from None
@@ -93,7 +104,6 @@ class IoTHubSender(AcknowledgedTransport):
     def send(self, record: CaptureRecord, device_id: str) -> int:
         """Send `record` as `device_id`; returns once acknowledged (its "file" number)."""
         from azure.iot.device import Message
-        from azure.iot.device.exceptions import ClientError
 
         system = record.system_properties
         message = Message(
@@ -103,9 +113,18 @@ class IoTHubSender(AcknowledgedTransport):
             content_type=system.get("contentType", "application/json"),
         )
         message.custom_properties = dict(record.properties)
+        client = self._client(device_id)
+        # The SDK waits for a reconnection without end: the wait is bounded here.
+        sending = self._sending.submit(client.send_message, message)
         try:
-            self._client(device_id).send_message(message)
-        except ClientError as error:
+            sending.result(timeout=self.acknowledge_seconds)
+        except TimeoutError:
+            raise IoTHubError(
+                f"device {device_id}: message {record.message_id} was not acknowledged within "
+                f"{self.acknowledge_seconds:g} s; start the gateway (or reach the hub) and replay again: "
+                "messages it already has are answered duplicate"
+            ) from None
+        except _sdk_errors() as error:
             raise IoTHubError(f"device {device_id} could not send: {type(error).__name__}: {error}") from None
         return self._acknowledged(device_id)
 
@@ -114,5 +133,6 @@ class IoTHubSender(AcknowledgedTransport):
         if self.answers.answered:
             self.answers.wait_for(self.sent, ANSWER_WAIT_SECONDS)
         for client in self._clients.values():
-            client.shutdown()
+            client.shutdown()  # a send still waiting is cancelled
         self._clients.clear()
+        self._sending.shutdown(wait=False)

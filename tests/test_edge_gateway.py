@@ -314,3 +314,26 @@ def test_an_unreadable_sessions_file_does_not_stop_the_edge(tmp_path: Path, bund
         assert edge.call("GET", "/healthz")[0] == 200
     finally:
         edge.stop(signal.SIGTERM)
+
+
+def test_the_simulator_gives_up_on_a_gateway_gone_for_longer_than_its_retry_budget(
+    gateway_edge, cmapss_dir: Path, tmp_path: Path
+) -> None:
+    edge, ca = gateway_edge
+    strings = tmp_path / "devices.txt"
+    strings.write_text(connection_string(_identity(edge, "Client_001"), HUB, _host(edge)) + "\n")
+    simulate = subprocess.Popen(
+        [str(Path(sys.executable).parent / "turbofan"), "simulate",
+         "--file", str(cmapss_dir / "train_FD001.txt"), "--units", "1", "--to", "iothub",
+         "--connection-strings", str(strings), "--ca-file", str(ca), "--rate", "20", "--retry-seconds", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait_until(lambda: _messages_received(edge) >= 5, simulate)
+        edge.stop(signal.SIGKILL)  # and not restarted
+        output, _ = simulate.communicate(timeout=120)
+    finally:
+        if simulate.poll() is None:
+            simulate.kill()
+    assert simulate.returncode == 2, output  # a user error, in one line
+    assert "was not acknowledged within 3 s" in output and "Traceback" not in output, output

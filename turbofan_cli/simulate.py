@@ -54,7 +54,6 @@ _EDGE_FLAGS = (
     ("edge_state", "--edge-state"),
     ("register", "--register"),
     ("hub_hostname", "--hub-hostname"),
-    ("retry_seconds", "--retry-seconds"),
 )
 # Flags of --to iothub only.
 _IOTHUB_FLAGS = (("connection_strings", "--connection-strings"), ("ca_file", "--ca-file"))
@@ -172,7 +171,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_seconds,
         metavar="S",
         help="how long a message is resent (same id) while the edge is unreachable or answers 5xx, "
-        f"before giving up (default {DEFAULT_RETRY_SECONDS:g})",
+        "or, for --to iothub, waits for its acknowledgement while the SDK reconnects, before giving "
+        f"up (default {DEFAULT_RETRY_SECONDS:g})",
     )
     iothub = parser.add_argument_group("--to iothub")
     iothub.add_argument(
@@ -223,6 +223,8 @@ def _check_target_flags(args: argparse.Namespace) -> None:
         if given and args.to != target:
             raise CommandError(f"{', '.join(given)} only apply to --to {target}")
     if args.to not in ("edge", "iothub"):
+        if args.retry_seconds is not None:
+            raise CommandError("--retry-seconds only applies to --to edge and --to iothub")
         return
     if args.late:
         raise CommandError(
@@ -300,11 +302,14 @@ def _run_iothub(args: argparse.Namespace, selected: pd.DataFrame, failure_events
     if missing:
         raise CommandError(f"{len(missing)} devices have no connection string: {_named(missing)}")
     certificate = args.ca_file.read_text() if args.ca_file else None
+    retry_seconds = DEFAULT_RETRY_SECONDS if args.retry_seconds is None else args.retry_seconds
     # The SDK logs every dropped connection from its threads; the progress bar says it instead.
     logging.getLogger("azure.iot.device").setLevel(logging.CRITICAL)
     first = dict(part.partition("=")[::2] for part in strings[devices[0]].split(";"))
     where = first.get("GatewayHostName") or first["HostName"]
-    sender = IoTHubSender({device: strings[device] for device in devices}, certificate)
+    sender = IoTHubSender(
+        {device: strings[device] for device in devices}, certificate, acknowledge_seconds=retry_seconds
+    )
     try:
         with sender:
             stats, interrupted = _replay_with_progress(selected, sender, args, failure_events, where)
