@@ -5,11 +5,13 @@ message ever holds a secret, and the Dagster resource built from the one storage
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +239,45 @@ def test_importing_the_settings_loads_no_azure_sdk_nor_dagster() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts connections and never answers: an endpoint that hangs."""
+    accepted: list[socket.socket] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1], accepted
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_an_endpoint_that_never_answers_is_given_up_after_the_read_timeout_and_retries(
+    silent_server: tuple[int, list[socket.socket]], cmapss_dir: Path, tmp_path: Path
+) -> None:
+    """The timeouts are applied, not the SDK's (about a minute of retries): with one retry, the
+    storage account is tried twice, then the error names the setting."""
+    port, accepted = silent_server
+    url = f"http://127.0.0.1:{port}/devstoreaccount1"
+    run = _turbofan(
+        ["simulate", "--file", str(cmapss_dir / "train_FD001.txt"), "--units", "1", "--to", "blob"],
+        TURBOFAN_HOME=str(tmp_path),
+        TURBOFAN_LANDING_CONTAINER="landing",
+        TURBOFAN_AZURE_READ_TIMEOUT_S="1",
+        TURBOFAN_AZURE_RETRIES="1",
+        AZURE_STORAGE_CONNECTION_STRING=(
+            f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={KEY};BlobEndpoint={url}"
+        ),
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"{STORAGE_CONNECTION_STRING_ENV}: cannot reach {url}: " in run.stderr
+    assert len(accepted) == 2  # the first attempt and one retry

@@ -89,12 +89,11 @@ def run_create(args: argparse.Namespace) -> int:
         taken = [name for name in args.names if registry.exists(name)]
         if taken:
             raise CommandError(f"already registered in {registry.where}: {', '.join(taken)}; nothing created")
-        created = [registry.create(name) for name in args.names]
+        for name in args.names:  # each string printed as its device is made: a failure part way
+            identity = registry.create(name)  # leaves no device whose keys were not shown
+            print(connection_string(identity, registry.hostname, args.gateway_host), flush=True)
     print(
-        "\n".join(connection_string(identity, registry.hostname, args.gateway_host) for identity in created)
-    )
-    print(
-        f"created {len(created)} devices in {registry.where}; their connection strings hold keys: "
+        f"created {len(args.names)} devices in {registry.where}; their connection strings hold keys: "
         "keep them secret",
         file=sys.stderr,
     )
