@@ -26,13 +26,11 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from turbofan_core.atomic_file import write_atomically
-from turbofan_core.env_secrets import secret_from_env
+from turbofan_core.env_secrets import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, secret_from_env
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILENAME = "devices.json"
-ADMIN_KEY_ENV = "TURBOFAN_EDGE_ADMIN_KEY"
-ADMIN_KEY_FILE_ENV = "TURBOFAN_EDGE_ADMIN_KEY_FILE"
 
 _TOKEN_PREFIX = "SharedAccessSignature "
 _TOKEN_FIELDS = frozenset({"sr", "sig", "se"})

@@ -38,12 +38,13 @@ class IoTHubError(Exception):
     """A device could not connect or send (its reason, never its key)."""
 
 
-def device_of(connection_string: str) -> str:
-    """The DeviceId a device connection string names."""
+def device_fields(connection_string: str) -> dict[str, str]:
+    """The fields of a device connection string (HostName, DeviceId, SharedAccessKey, and
+    GatewayHostName when it goes through a gateway); ValueError, never echoing it, when it is not one."""
     fields = dict(part.partition("=")[::2] for part in connection_string.strip().split(";") if part)
     if not fields.get("HostName") or not fields.get("DeviceId") or not fields.get("SharedAccessKey"):
         raise ValueError("a device connection string needs HostName, DeviceId and SharedAccessKey")
-    return fields["DeviceId"]
+    return fields
 
 
 class IoTHubSender(AcknowledgedTransport):

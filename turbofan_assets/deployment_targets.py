@@ -18,12 +18,9 @@ from typing import Any
 from dagster import ConfigurableResource
 
 from turbofan_core.deployment_manifest import model_reference, with_registry_credentials
-from turbofan_core.env_secrets import secret_from_env
+from turbofan_core.env_secrets import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, secret_from_env
 from turbofan_warehouse.deployments import APPLIED, SENT
 
-# The edge module's admin key, from the same variables the module reads (edge_module/auth.py).
-ADMIN_KEY_ENV = "TURBOFAN_EDGE_ADMIN_KEY"
-ADMIN_KEY_FILE_ENV = "TURBOFAN_EDGE_ADMIN_KEY_FILE"
 # Which target the code location deploys to: an IoT Edge device through IoT Hub when the device
 # is named, else the local edge module at TURBOFAN_EDGE_URL.
 EDGE_URL_ENV = "TURBOFAN_EDGE_URL"

@@ -24,7 +24,7 @@ from edge_module.auth import REGISTRY_FILENAME, DeviceRegistry, RegistryError
 from simulator.answers import Answers
 from simulator.capture_writer import CaptureWriter
 from simulator.edge_client import DEFAULT_HUB_HOSTNAME, DEFAULT_RETRY_SECONDS, EdgeClient, EdgeError
-from simulator.iothub_sender import IoTHubError, IoTHubSender, device_of
+from simulator.iothub_sender import IoTHubError, IoTHubSender, device_fields
 from simulator.replay import (
     ReplayInterrupted,
     ReplayStats,
@@ -305,7 +305,7 @@ def _run_iothub(args: argparse.Namespace, selected: pd.DataFrame, failure_events
     retry_seconds = DEFAULT_RETRY_SECONDS if args.retry_seconds is None else args.retry_seconds
     # The SDK logs every dropped connection from its threads; the progress bar says it instead.
     logging.getLogger("azure.iot.device").setLevel(logging.CRITICAL)
-    first = dict(part.partition("=")[::2] for part in strings[devices[0]].split(";"))
+    first = device_fields(strings[devices[0]])
     where = first.get("GatewayHostName") or first["HostName"]
     sender = IoTHubSender(
         {device: strings[device] for device in devices}, certificate, acknowledge_seconds=retry_seconds
@@ -338,7 +338,7 @@ def _device_connection_strings(path: Path | None) -> dict[str, str]:
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
             try:
-                strings[device_of(line)] = line.strip()
+                strings[device_fields(line)["DeviceId"]] = line.strip()
             except ValueError as error:  # never echo the line: it holds a key
                 raise CommandError(f"{where}, line {number}: {error}") from None
     return strings

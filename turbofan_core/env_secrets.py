@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The edge module's admin key: read by the module, and by the deployment target that calls it.
+ADMIN_KEY_ENV = "TURBOFAN_EDGE_ADMIN_KEY"
+ADMIN_KEY_FILE_ENV = "TURBOFAN_EDGE_ADMIN_KEY_FILE"
+
 
 def secret_from_env(variable: str, file_variable: str) -> str | None:
     """The value of `variable`, else the content of the file `file_variable` names, else None.
