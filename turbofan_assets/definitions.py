@@ -27,6 +27,7 @@ from turbofan_assets.assets import deployment, evaluation, ingestion, preparatio
 from turbofan_assets.checks import CHECKS
 from turbofan_assets.deployment_targets import deployment_target
 from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder, Warehouse
+from turbofan_assets.sensors import ingest_job, landing_zone_sensor
 from turbofan_core.azure_settings import (
     STORAGE_CONNECTION_STRING_ENV,
     blob_service_client,
@@ -79,7 +80,9 @@ def build_definitions(home: Home) -> Definitions:
                 PIPELINE_JOB, selection=AssetSelection.all() - AssetSelection.groups(deployment.GROUP)
             ),
             define_asset_job(DEPLOYMENT_JOB, selection=AssetSelection.groups(deployment.GROUP)),
+            ingest_job,
         ],
+        sensors=[landing_zone_sensor],
         resources={
             "landing_zone": file_store(LANDING_CONTAINER_ENV, home.landing),
             "model_store": file_store("TURBOFAN_MODEL_CONTAINER", home.models),

@@ -68,8 +68,8 @@ class _Pending:
 
 
 def pending_files(store: ObjectStore, conn: duckdb.DuckDBPyConnection) -> tuple[list[_Pending], list[str]]:
-    """Files to read, in name order, and the empty files left for later."""
-    ensure_schema(conn)
+    """Files to read, in name order, and the empty files left for later (`conn` may be a read-only
+    snapshot: the landing-zone sensor asks the same question ingestion does)."""
     ledger = {
         name: (version, sha256, status, attempts)
         for name, version, sha256, status, attempts in conn.execute(
@@ -304,6 +304,7 @@ def ingest_new_files(
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
     log = log or logging.getLogger(__name__)
     report = IngestReport()
+    ensure_schema(conn)
     pending, report.waiting = pending_files(store, conn)
     batch: list[_Read] = []
     batch_size = 0
