@@ -9,15 +9,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, RunRequest, SensorResult, build_sensor_context
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    RunRequest,
+    SensorResult,
+    build_sensor_context,
+    evaluate_automation_conditions,
+)
 
 from turbofan_assets.definitions import build_definitions
 from turbofan_assets.resources import AzureContainer, LocalFolder, Warehouse
-from turbofan_assets.sensors import FILES_TAG, INGEST_JOB, landing_zone_sensor
+from turbofan_assets.sensors import (
+    FILES_TAG,
+    INGEST_JOB,
+    RetrainPolicy,
+    landing_zone_sensor,
+    retrain_policy_sensor,
+)
 from turbofan_core.capture import device_message, encode_avro
 from turbofan_core.home import Home
 from turbofan_core.storage import LocalStore, ObjectStore, blob_store_from_connection_string
 from turbofan_core.telemetry import encode_body
+from turbofan_warehouse import registry
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 READINGS = {f"Sensor{n}": 500.0 + n for n in range(1, 22)} | {
@@ -182,3 +196,98 @@ def test_the_cursor_holds_only_the_files_of_unfinished_runs(home: Home, tick: Ti
     assert list(files) == ["hub/00/2026/11/28/12/00"]
     tick.execute(request)
     assert skipped(tick()) and json.loads(tick.cursor) == {}
+
+
+def land_failures(home: Home, devices: range, minute: int) -> None:
+    """A file of engines that each fly two cycles and fail: completed trajectories."""
+    records = []
+    for n in devices:
+        device = f"Client_{n:03d}"
+        records += [
+            device_message(
+                device,
+                encode_body({"CycleTime": c, **READINGS}),
+                T0 + timedelta(seconds=c),
+                {},
+                f"{device}-{c}",
+            )
+            for c in (1, 2)
+        ]
+        records.append(
+            device_message(
+                device,
+                encode_body({"CycleTime": 2}),
+                T0 + timedelta(seconds=3),
+                {"type": "failure"},
+                f"{device}-f",
+            )
+        )
+    LocalStore(home.landing).create(f"hub/00/2026/11/28/12/{minute:02d}", encode_avro(records))
+
+
+def register(home: Home, trajectories: int) -> int:
+    """A model registered as trained on `trajectories` completed lifetimes (what the policy reads)."""
+    with Warehouse(database=str(home.warehouse)).get_connection() as conn:
+        return registry.register_candidate(
+            conn,
+            registry.Registration(
+                run_id=None, bundle_sha256="0" * 64, bundle_location="models/x", params={}, feature_spec={},
+                rul_cap=125, cv_folds=3, cv_seed=0, cv_rmse=20.0, cv_rmse_std=1.0, cv_mae=15.0,
+                baseline_cv_rmse=30.0, data_watermark={"trajectories": trajectories}, data_sha256="0" * 64,
+            ),
+        )  # fmt: skip
+
+
+def retrain_tick(home: Home, instance: DagsterInstance, threshold: int = 3) -> SensorResult:
+    resources = {
+        "warehouse": Warehouse(database=str(home.warehouse)),
+        "retrain_policy": RetrainPolicy(min_new_trajectories=threshold),
+    }
+    with build_sensor_context(instance=instance, resources=resources) as context:
+        return retrain_policy_sensor(context)
+
+
+def test_the_retrain_policy_waits_for_enough_completed_engines_and_never_trains_twice_on_the_same_data(
+    home: Home, tick: Tick, instance: DagsterInstance
+) -> None:
+    assert "nothing ingested" in retrain_tick(home, instance).skip_reason.skip_message
+    land_failures(home, range(1, 3), minute=0)
+    tick()
+    below = retrain_tick(home, instance)
+    assert skipped(below) and "2 newly completed trajectories" in below.skip_reason.skip_message
+
+    land_failures(home, range(3, 4), minute=1)
+    tick()
+    [request] = retrain_tick(home, instance).run_requests  # at the threshold: one run
+    [again] = retrain_tick(home, instance).run_requests
+    assert again.run_key == request.run_key == "retrain-3"  # the same data: a key Dagster runs once
+
+    register(home, trajectories=3)  # what that run registers
+    assert skipped(retrain_tick(home, instance))
+    land_failures(home, range(4, 7), minute=2)
+    tick()
+    [later] = retrain_tick(home, instance).run_requests
+    assert later.run_key == "retrain-6"
+
+
+def test_automation_rematerialises_labels_and_features_only_after_new_telemetry(
+    home: Home, tick: Tick, instance: DagsterInstance
+) -> None:
+    defs = build_definitions(home)
+    start = evaluate_automation_conditions(defs=defs, instance=instance)  # the sensor's ticks go on
+    land_failures(home, range(1, 3), minute=0)
+    tick()  # ingestion: raw_telemetry and failure_events materialised
+    first = evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
+    assert first.get_num_requested(AssetKey("rul_labels")) == 1
+    assert first.get_num_requested(AssetKey("model_candidates")) == 0  # training follows the policy
+    defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={AssetKey("rul_labels"), AssetKey("training_features")}
+    ).execute_in_process(instance=instance)
+    quiet = evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert quiet.get_num_requested(AssetKey("rul_labels")) == 0  # nothing new ingested
+    assert quiet.get_num_requested(AssetKey("training_features")) == 0
+
+    land_failures(home, range(3, 4), minute=1)
+    tick()
+    later = evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
+    assert later.get_num_requested(AssetKey("rul_labels")) == 1

@@ -15,6 +15,8 @@ from pathlib import Path
 from azure.storage.blob import BlobServiceClient
 from dagster import (
     AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
     Definitions,
     EnvVar,
     define_asset_job,
@@ -27,7 +29,13 @@ from turbofan_assets.assets import deployment, evaluation, ingestion, preparatio
 from turbofan_assets.checks import CHECKS
 from turbofan_assets.deployment_targets import deployment_target
 from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder, Warehouse
-from turbofan_assets.sensors import ingest_job, landing_zone_sensor
+from turbofan_assets.sensors import (
+    RetrainPolicy,
+    ingest_job,
+    landing_zone_sensor,
+    retrain_job,
+    retrain_policy_sensor,
+)
 from turbofan_core.azure_settings import (
     STORAGE_CONNECTION_STRING_ENV,
     blob_service_client,
@@ -81,14 +89,27 @@ def build_definitions(home: Home) -> Definitions:
             ),
             define_asset_job(DEPLOYMENT_JOB, selection=AssetSelection.groups(deployment.GROUP)),
             ingest_job,
+            retrain_job,
         ],
-        sensors=[landing_zone_sensor],
+        sensors=[
+            landing_zone_sensor,
+            retrain_policy_sensor,
+            AutomationConditionSensorDefinition(
+                "automation",
+                target=AssetSelection.all(),
+                default_status=DefaultSensorStatus.RUNNING,
+                minimum_interval_seconds=5,
+                description="Declarative automation: re-materialises the labels and features when new "
+                "telemetry or failure events were ingested, and the reference test fleet once.",
+            ),
+        ],
         resources={
             "landing_zone": file_store(LANDING_CONTAINER_ENV, home.landing),
             "model_store": file_store("TURBOFAN_MODEL_CONTAINER", home.models),
             "warehouse": Warehouse(database=str(home.warehouse)),
             "cmapss": CmapssFiles(directory=str(home.cmapss_dir())),
             "deployment_target": deployment_target(),
+            "retrain_policy": RetrainPolicy(),
         },
         # One process: the multiprocess executor costs seconds a step on 2 cores, and
         # DuckDB takes one writer at a time anyway.

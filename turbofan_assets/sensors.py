@@ -1,4 +1,4 @@
-"""Sensors: ingestion when files land in the landing zone.
+"""Sensors: ingestion when files land in the landing zone, retraining when enough engines failed.
 
 The landing-zone sensor asks, each tick, the question ingestion itself asks (which files are new,
 changed, or still unreadable, against the ledger in the warehouse's read snapshot) and requests
@@ -10,6 +10,12 @@ same files failed before), so:
 - none is skipped: the ledger, not the cursor, says what is ingested, so a cursor that is lost or
   moves back only lets files be requested again (ingestion reads a file once whatever runs);
 - a failed run's files are requested again, under a new key, at the next tick.
+
+Between the two, declarative automation (`AutomationCondition.eager()` on the labels and the
+features) re-materialises what depends on new telemetry. Retraining is not eager: the retrain
+policy sensor requests it when at least `RetrainPolicy.min_new_trajectories` engine lifetimes
+completed (ended in a failure event) since the data of the latest registered model, with a run
+key naming that count, so the same data never trains twice.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import duckdb
 from dagster import (
     AssetSelection,
+    ConfigurableResource,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -31,13 +38,24 @@ from dagster import (
 )
 
 from turbofan_assets.resources import FileStore, Warehouse
+from turbofan_warehouse import registry
 from turbofan_warehouse.ingest import pending_files
 from turbofan_warehouse.snapshot import NoSnapshot
 
 INGEST_JOB = "ingest_landing_zone_job"
+RETRAIN_JOB = "retrain_job"
 FILES_TAG = "turbofan/landing_files"  # the digest of the files a run was requested for
 _FAILED = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 _DONE = (DagsterRunStatus.SUCCESS, *_FAILED)
+
+retrain_job = define_asset_job(
+    RETRAIN_JOB,
+    selection=AssetSelection.assets(
+        "rul_labels", "training_features", "model_candidates", "champion_model", "model_evaluation"
+    ),
+    description="Labels and features brought up to date, then a new candidate trained, judged by the "
+    "promotion gate and evaluated (requested by retrain_policy_sensor).",
+)
 
 ingest_job = define_asset_job(
     INGEST_JOB,
@@ -101,4 +119,54 @@ def landing_zone_sensor(
             )
         ],
         cursor=json.dumps(in_flight, sort_keys=True),
+    )
+
+
+class RetrainPolicy(ConfigurableResource):
+    """When to retrain: after this many newly completed engine lifetimes (trajectories that ended in a
+    failure event) since the data the latest registered model was trained on."""
+
+    min_new_trajectories: int = 10
+
+
+def completed_trajectories(conn: duckdb.DuckDBPyConnection) -> int:
+    """Engine lifetimes that ended in a failure event: what labels, and so training, can use."""
+    return conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT device_id, lifetime FROM failure_events)"
+    ).fetchone()[0]
+
+
+@sensor(
+    job=retrain_job,
+    minimum_interval_seconds=10,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Retrains when enough engines completed a lifetime since the latest model's data "
+    "(RetrainPolicy.min_new_trajectories, default 10), never on every file nor twice for the same data. "
+    "Reads the warehouse's read snapshot, never the writer's lock.",
+)
+def retrain_policy_sensor(warehouse: Warehouse, retrain_policy: RetrainPolicy) -> SensorResult:
+    try:
+        with warehouse.read() as conn:
+            completed = completed_trajectories(conn)
+            latest = registry.latest(conn) if registry.exists(conn) else None
+    except (NoSnapshot, duckdb.CatalogException):
+        return SensorResult(skip_reason="nothing ingested yet")
+    trained_on = latest.data_watermark["trajectories"] if latest is not None else 0
+    new = completed - trained_on
+    basis = f"model version {latest.version}'s {trained_on}" if latest is not None else "no model yet"
+    if new < retrain_policy.min_new_trajectories:
+        return SensorResult(
+            skip_reason=f"{new} newly completed trajectories since {basis}; "
+            f"retraining needs {retrain_policy.min_new_trajectories}"
+        )
+    return SensorResult(
+        run_requests=[
+            RunRequest(
+                run_key=f"retrain-{completed}",
+                tags={
+                    "turbofan/completed_trajectories": str(completed),
+                    "turbofan/reason": f"{new} new since {basis}",
+                },
+            )
+        ]
     )

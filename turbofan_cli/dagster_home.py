@@ -18,6 +18,8 @@ DAGSTER_YAML = """\
 # Written by `turbofan`; edit freely, it is not overwritten. Keep the pool limit: DuckDB takes
 # one writing process at a time, and every asset that writes the warehouse is in a pool.
 concurrency:
+  runs:
+    max_concurrent_runs: 2  # sensor and UI runs queue; two at a time on a 2-core machine
   pools:
     default_limit: 1
 telemetry:

@@ -1,7 +1,7 @@
 """Preparation group: labelled trajectories and the NASA reference test fleet."""
 
 import numpy as np
-from dagster import AssetExecutionContext, Config, MaterializeResult, asset
+from dagster import AssetExecutionContext, AutomationCondition, Config, MaterializeResult, asset
 
 from turbofan_assets.resources import WAREHOUSE_POOL, CmapssFiles, Warehouse
 from turbofan_core.labels import DEFAULT_RUL_CAP, label_rul
@@ -18,7 +18,12 @@ class LabelConfig(Config):
     """Cycles: earlier in life the RUL target is held at the cap (piecewise-linear RUL)."""
 
 
-@asset(group_name=GROUP, deps=["raw_telemetry", "failure_events"], pool=WAREHOUSE_POOL)
+@asset(
+    group_name=GROUP,
+    deps=["raw_telemetry", "failure_events"],
+    pool=WAREHOUSE_POOL,
+    automation_condition=AutomationCondition.eager(),
+)
 def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: Warehouse):
     """RUL for every cycle of every engine lifetime that ended in a failure event.
 
@@ -44,7 +49,7 @@ def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: W
     )
 
 
-@asset(group_name=GROUP, pool=WAREHOUSE_POOL)
+@asset(group_name=GROUP, pool=WAREHOUSE_POOL, automation_condition=AutomationCondition.eager())
 def reference_test_fleet(cmapss: CmapssFiles, warehouse: Warehouse):
     """NASA's FD001 test engines with their true RUL at every cycle: the benchmark, never training data.
 

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 
 import duckdb
 import pandas as pd
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, Output, asset
+from dagster import (
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from turbofan_assets.resources import WAREHOUSE_POOL, FileStore, Warehouse
 from turbofan_core import training
@@ -55,7 +64,12 @@ def _markdown(frame: pd.DataFrame) -> MetadataValue:
     return MetadataValue.md(frame.to_markdown(index=False, floatfmt=".2f"))
 
 
-@asset(group_name=FEATURES_GROUP, deps=["rul_labels"], pool=WAREHOUSE_POOL)
+@asset(
+    group_name=FEATURES_GROUP,
+    deps=["rul_labels"],
+    pool=WAREHOUSE_POOL,
+    automation_condition=AutomationCondition.eager(),
+)
 def training_features(warehouse: Warehouse):
     """The feature matrix models train on: the shared feature spec over every labelled cycle.
 
