@@ -301,3 +301,26 @@ def test_a_deployment_iot_hub_refuses_is_recorded_and_fails(
     assert rows[1][2] == "iothub:no-such-device"
     assert "DeviceNotFound" in rows[1][4]
     assert current.manifest_sha256 == sent
+
+
+def test_an_unchanged_champion_deploys_nothing_and_a_refused_deployment_is_tried_again(
+    home: Home, bundles: list[ModelBundle], edge: Edge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a refused candidate leaves: the same champion, so the same manifest, which the edge
+    already serves: nothing is materialised or deployed. A deployment the edge refused is not in
+    service, so running the deployment again tries it again."""
+    monkeypatch.setenv(EDGE_URL_ENV, edge.url)
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
+    promote(home, bundles[0])
+    assert deploy(home).success
+    again = deploy(home)
+    assert again.success and again.get_asset_materialization_events() == []
+    assert len(recorded(home)[0]) == 1
+
+    second = promote(home, bundles[1])
+    monkeypatch.setenv(ADMIN_KEY_ENV, "not-the-admin-key")
+    assert not deploy(home).success
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
+    assert deploy(home).success
+    assert served_version(edge) == str(second)
+    assert [row[3] for row in recorded(home)[0]] == ["applied", "refused", "applied"]

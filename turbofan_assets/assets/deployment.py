@@ -7,9 +7,20 @@ through the `deployment_target` resource and records the outcome in the warehous
 included; a refused deployment fails the run and leaves the previous one current.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, Output, asset
+import duckdb
+from dagster import (
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from turbofan_assets.deployment_targets import DeploymentRefused, DeploymentTarget
 from turbofan_assets.resources import WAREHOUSE_POOL, FileStore, Warehouse
@@ -18,6 +29,7 @@ from turbofan_core.bundle import BundleError, bundle_name, read_bundle
 from turbofan_core.deployment_manifest import ManifestError, ManifestSettings
 from turbofan_core.storage import LocalStore, ObjectStore
 from turbofan_warehouse import deployments, registry
+from turbofan_warehouse.snapshot import NoSnapshot
 
 GROUP = "deployment"
 
@@ -39,6 +51,15 @@ class ManifestConfig(Config):
     """How long edgeHub keeps messages it cannot send upstream."""
 
 
+def _in_service(warehouse: Warehouse, target: str) -> deployments.Deployment | None:
+    """The deployment the target is serving, from the read snapshot (none before the first)."""
+    try:
+        with warehouse.read() as conn:
+            return deployments.current(conn, target)
+    except (NoSnapshot, duckdb.CatalogException):
+        return None
+
+
 def bundle_uri(store: ObjectStore, sha256: str) -> str:
     """Where the edge fetches the bundle: its absolute path in a local store, else its blob URL."""
     if isinstance(store, LocalStore):
@@ -46,14 +67,26 @@ def bundle_uri(store: ObjectStore, sha256: str) -> str:
     return f"{store.location.rstrip('/')}/{bundle_name(sha256)}"
 
 
-@asset(group_name=GROUP, deps=["champion_model"])
+@asset(
+    group_name=GROUP,
+    deps=["champion_model"],
+    output_required=False,
+    automation_condition=AutomationCondition.eager(),
+)
 def edge_deployment_manifest(
-    config: ManifestConfig, warehouse: Warehouse, model_store: FileStore
-) -> Output[str]:
+    context: AssetExecutionContext,
+    config: ManifestConfig,
+    warehouse: Warehouse,
+    model_store: FileStore,
+    deployment_target: DeploymentTarget,
+) -> Iterator[Output[str]]:
     """The IoT Edge deployment manifest serving the champion, stored under its sha256 (the value).
 
     The champion's bundle is verified in the model store first, so the manifest never names a
-    bundle that is missing or altered; the manifest is validated before it is stored.
+    bundle that is missing or altered; the manifest is validated before it is stored. A manifest
+    the target already serves is not materialised again, so nothing is deployed when the gate
+    refused a candidate (the champion, and so the manifest, did not change); after a refused
+    deployment, it is, so the deployment is tried again.
     """
     with warehouse.read() as conn:
         champion = registry.champion(conn) if registry.exists(conn) else None
@@ -84,7 +117,11 @@ def edge_deployment_manifest(
             raise Failure(str(error)) from None
         sha256 = deployment_manifest.save(store, manifest)
         location = f"{store.location.rstrip('/')}/{deployment_manifest.manifest_name(sha256)}"
-    return Output(
+    in_service = _in_service(warehouse, deployment_target.name())
+    if in_service is not None and in_service.manifest_sha256 == sha256:
+        context.log.info(f"{deployment_target.name()} already serves manifest {sha256}: nothing to deploy")
+        return
+    yield Output(
         sha256,
         metadata={
             "manifest_sha256": sha256,
@@ -96,7 +133,7 @@ def edge_deployment_manifest(
     )
 
 
-@asset(group_name=GROUP, pool=WAREHOUSE_POOL)
+@asset(group_name=GROUP, pool=WAREHOUSE_POOL, automation_condition=AutomationCondition.eager())
 def edge_deployment(
     context: AssetExecutionContext,
     edge_deployment_manifest: str,
