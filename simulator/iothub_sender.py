@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ANSWER_WAIT_SECONDS = 10.0
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.2, 5.0
 
 
 def _sdk_errors() -> tuple[type[Exception], ...]:
@@ -74,20 +76,17 @@ class IoTHubSender(AcknowledgedTransport):
         options = {}
         if self.server_verification_cert is not None:
             options["server_verification_cert"] = self.server_verification_cert
+        if device_id not in self.connection_strings:
+            raise IoTHubError(f"no connection string for device {device_id}")
         try:
             client = IoTHubDeviceClient.create_from_connection_string(
                 self.connection_strings[device_id], **options
             )
-            client.on_message_received = lambda message: self._answered(device_id, message)
-            client.on_connection_state_change = lambda: self._connection_changed(device_id)
-            client.connect()
-        except KeyError:
-            raise IoTHubError(f"no connection string for device {device_id}") from None
-        except (*_sdk_errors(), ValueError) as error:
-            raise IoTHubError(
-                f"device {device_id} could not connect: {type(error).__name__}: {error}"
-            ) from None
-        self._clients[device_id] = client
+        except ValueError as error:
+            raise IoTHubError(f"device {device_id}: {error}") from None
+        client.on_message_received = lambda message: self._answered(device_id, message)
+        client.on_connection_state_change = lambda: self._connection_changed(device_id)
+        self._clients[device_id] = client  # it connects on the first send (auto-connect)
         return client
 
     def _connection_changed(self, device_id: str) -> None:
@@ -115,19 +114,39 @@ class IoTHubSender(AcknowledgedTransport):
         )
         message.custom_properties = dict(record.properties)
         client = self._client(device_id)
-        # The SDK waits for a reconnection without end: the wait is bounded here.
-        sending = self._sending.submit(client.send_message, message)
-        try:
-            sending.result(timeout=self.acknowledge_seconds)
-        except TimeoutError:
-            raise IoTHubError(
-                f"device {device_id}: message {record.message_id} was not acknowledged within "
-                f"{self.acknowledge_seconds:g} s; start the gateway (or reach the hub) and replay again: "
-                "messages it already has are answered duplicate"
-            ) from None
-        except _sdk_errors() as error:
-            raise IoTHubError(f"device {device_id} could not send: {type(error).__name__}: {error}") from None
+        self._deliver(client, device_id, message)
         return self._acknowledged(device_id)
+
+    def _deliver(self, client: IoTHubDeviceClient, device_id: str, message: Message) -> None:
+        """Send until acknowledged, for at most `acknowledge_seconds`. The SDK alone may wait for a
+        reconnection without end, or give up at once when a send meets a connection being rebuilt
+        (an edge restarting); a lost connection is retried here with backoff, the message keeping its
+        id, so a copy that did arrive is answered duplicate. Bad credentials fail at once."""
+        from azure.iot.device.exceptions import CredentialError
+
+        deadline = time.monotonic() + self.acknowledge_seconds
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            sending = self._sending.submit(client.send_message, message)
+            try:
+                sending.result(timeout=max(0.0, deadline - time.monotonic()))
+                return
+            except TimeoutError:
+                failure = "no acknowledgement"
+            except CredentialError as error:
+                raise IoTHubError(f"device {device_id} was refused: {error}") from None
+            except _sdk_errors() as error:
+                failure = f"{type(error).__name__}: {error}"
+            if time.monotonic() + delay >= deadline:
+                raise IoTHubError(
+                    f"device {device_id}: message {message.message_id} was not acknowledged within "
+                    f"{self.acknowledge_seconds:g} s ({failure}); start the gateway (or reach the hub) "
+                    "and replay again: messages it already has are answered duplicate"
+                )
+            if self.on_connection is not None:
+                self.on_connection(device_id, False)
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_SECONDS)
 
     def close(self) -> None:
         """Wait a little for answers still on their way (through a gateway only), then disconnect."""

@@ -30,6 +30,7 @@ from turbofan_assets.checks import CHECKS
 from turbofan_assets.deployment_targets import deployment_target
 from turbofan_assets.resources import AzureContainer, CmapssFiles, FileStore, LocalFolder, Warehouse
 from turbofan_assets.sensors import (
+    RETRAIN_AFTER_ENV,
     RetrainPolicy,
     ingest_job,
     landing_zone_sensor,
@@ -109,7 +110,11 @@ def build_definitions(home: Home) -> Definitions:
             "warehouse": Warehouse(database=str(home.warehouse)),
             "cmapss": CmapssFiles(directory=str(home.cmapss_dir())),
             "deployment_target": deployment_target(),
-            "retrain_policy": RetrainPolicy(),
+            "retrain_policy": RetrainPolicy(
+                min_new_trajectories=int(
+                    os.environ.get(RETRAIN_AFTER_ENV, RetrainPolicy().min_new_trajectories)
+                )
+            ),
         },
         # One process: the multiprocess executor costs seconds a step on 2 cores, and
         # DuckDB takes one writer at a time anyway.

@@ -44,6 +44,7 @@ from turbofan_warehouse.snapshot import NoSnapshot
 
 INGEST_JOB = "ingest_landing_zone_job"
 RETRAIN_JOB = "retrain_job"
+RETRAIN_AFTER_ENV = "TURBOFAN_RETRAIN_AFTER"  # the retrain policy's threshold for this code location
 FILES_TAG = "turbofan/landing_files"  # the digest of the files a run was requested for
 _FAILED = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 _DONE = (DagsterRunStatus.SUCCESS, *_FAILED)

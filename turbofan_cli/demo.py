@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def _import_data(home: Home) -> Path:
+def import_data(home: Home) -> Path:
     """Make the state folder self-contained: copy FD001 in (checksums verified) unless it is there."""
     from turbofan_cli.data import check_files, install
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from turbofan_core.storage import LocalStore
 
     home = Home.from_env()
-    data = _import_data(home)
+    data = import_data(home)
     ensure_dagster_home(home)
     started = time.monotonic()
 

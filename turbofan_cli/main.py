@@ -28,7 +28,12 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "simulate": Subcommand("turbofan_cli.simulate", "replay C-MAPSS engines as devices into a landing zone"),
     "data": Subcommand("turbofan_cli.data", "import, download or locate the NASA C-MAPSS files"),
-    "demo": Subcommand("turbofan_cli.demo", "replay FD001 and materialise every asset (embedded default)"),
+    "demo": Subcommand(
+        "turbofan_cli.demo", "replay FD001 and materialise every asset, headless (embedded default)"
+    ),
+    "live": Subcommand(
+        "turbofan_cli.live", "the whole system running: edge, Dagster with its sensors, simulator"
+    ),
     "ui": Subcommand("turbofan_cli.ui", "open the Dagster UI on the embedded default's instance"),
     "models": Subcommand("turbofan_cli.models", "the model registry: list models, or show one's metrics"),
     "edge": Subcommand("turbofan_cli.edge", "the IoT Edge module: serve scoring and store-and-forward"),

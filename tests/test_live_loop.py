@@ -1,0 +1,86 @@
+"""The closed loop on real processes: `turbofan live` (what `make demo` runs) starts the edge module,
+`dagster dev` with its daemon, and the simulator streaming engines through the gateway; the edge is
+SIGKILLed once mid-stream. Models are trained and deployed by the sensors and automation alone,
+and every message sent ends in the warehouse exactly once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+from turbofan_core.cmapss import read_cmapss
+from turbofan_core.storage import LocalStore
+from turbofan_warehouse.ingest import ingest_new_files
+
+UNITS = 20
+WAIT_SECONDS = 420  # a hang guard, far above what the loop takes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(pattern: str, log: Path, live: subprocess.Popen) -> re.Match:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        found = re.search(pattern, text)
+        if found:
+            return found
+        assert live.poll() is None, f"turbofan live exited {live.returncode}:\n{text}"
+        assert not re.search(r"simulator finished \(exit [^0]", text), text
+        time.sleep(0.5)
+    raise AssertionError(f"no {pattern!r} within {WAIT_SECONDS} s:\n{log.read_text()}")
+
+
+def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_is_killed(
+    tmp_path: Path, cmapss_dir: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "TURBOFAN_HOME": str(home)}
+    env.pop("DAGSTER_HOME", None)
+    log = tmp_path / "live.out"
+    with log.open("wb") as out:
+        live = subprocess.Popen(
+            [str(Path(sys.executable).parent / "turbofan"), "live", "--units", f"1-{UNITS}", "--rate", "10",
+             "--retrain-after", "5", "--ui-port", str(_free_port()), "--edge-port", str(_free_port())],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        edge_pid = int(_wait_for(r"edge module \(pid (\d+)\) ready", log, live)[1])
+        _wait_for(r"landed +\d+ new files", log, live)
+        _wait_for(r"ingested +[\d,]+ messages", log, live)  # the landing-zone sensor's run
+        os.kill(edge_pid, signal.SIGKILL)  # mid-stream
+        _wait_for(r"edge module stopped \(exit -9\); restarted", log, live)
+        _wait_for(r"model v1 trained: champion", log, live)
+        _wait_for(r"deployment +v1 to local:\S+: applied", log, live)
+        _wait_for(r"edge serves model v1", log, live)
+        _wait_for(r"simulator finished \(exit 0\)", log, live)
+        _wait_for(r"model v2 trained: (champion|candidate) \(.+\)", log, live)  # promoted, or refused and why
+    finally:
+        os.killpg(live.pid, signal.SIGINT)  # Ctrl-C
+        live.wait(timeout=180)
+    text = log.read_text()
+    assert "stopped. `make demo` resumes from" in text, text
+    assert live.returncode == 0
+
+    # What the edge forwarded as it stopped may not be ingested yet: ingest it, then count.
+    frame = read_cmapss(cmapss_dir / "train_FD001.txt")
+    sent = int((frame["unit"] <= UNITS).sum())
+    with duckdb.connect(str(home / "warehouse.duckdb")) as conn:
+        ingest_new_files(LocalStore(home / "landing"), conn)
+        rows, ids = conn.execute("SELECT count(*), count(DISTINCT message_id) FROM telemetry").fetchone()
+        failures = conn.execute("SELECT count(*) FROM failure_events").fetchone()[0]
+        quarantined = conn.execute("SELECT count(*) FROM telemetry_quarantine").fetchone()[0]
+    assert (rows, ids, failures, quarantined) == (sent, sent, UNITS, 0)
