@@ -31,7 +31,7 @@ help:
 	@echo "make install   create $(VENV) from requirements.lock and install this repo (editable)"
 	@echo "make azurite   install the Azurite blob emulator $(AZURITE_VERSION) into $(AZURITE_DIR)"
 	@echo "make chromium  install Debian's chromium (for the browser tests of the UI) when it is missing"
-	@echo "make demo      import C-MAPSS FD001, replay it, materialise assets, print a summary"
+	@echo "make demo      the whole system live: edge, Dagster (sensors, automation), simulator (Ctrl-C stops)"
 	@echo "make test      ruff check and format check + pytest (no tests collected counts as a failure)"
 	@echo "make lint      ruff check and format check"
 	@echo "make bench     run the benchmarks in bench/"
@@ -67,8 +67,11 @@ chromium:
 	fi
 	test -x /usr/bin/chromium
 
+# Extra arguments for `turbofan live`, e.g. `make demo DEMO_ARGS="--ui-port 3001 --units 1-20"`.
+DEMO_ARGS ?=
+
 demo: install
-	$(VENV)/bin/turbofan demo
+	$(VENV)/bin/turbofan live $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
