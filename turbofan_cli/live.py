@@ -86,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
     from turbofan_cli.demo import import_data
     from turbofan_cli.simulate import parse_units
 
+    parse_units(args.units)  # a bad range or a busy port fails before anything starts
+    _check_ports(args)
     home = Home.from_env()
     data = import_data(home)
-    parse_units(args.units)  # a bad range fails before anything starts
-    _check_ports(args)
     ensure_dagster_home(home)
     edge_dir = home.root / "edge"
     certs, admin_key_file, devices_file = _prepare_edge(edge_dir, _device_names(args.units))
@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         RETRAIN_AFTER_ENV: str(args.retrain_after),
     }
     processes: list[_Process] = []
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped by a service manager: clean up as for Ctrl-C
+    # Ctrl-C, even where a shell started this in the background with SIGINT ignored, and SIGTERM
+    # (a service manager) both stop every process cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         edge = _start(processes, "edge", logs, env, [
             str(bin_dir / "turbofan"), "edge", "serve", "--host", "127.0.0.1", "--port", str(args.edge_port),
