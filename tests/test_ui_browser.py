@@ -173,3 +173,31 @@ def test_materialize_button_runs_the_asset(page: Page, dagster_ui: DagsterUI, tm
         [latest] = instance.fetch_materializations(asset, limit=1).records
         assert latest.run_id == run_id
         assert latest.storage_id > before.storage_id
+
+
+def test_the_sensors_and_automation_show_their_ticks(
+    page: Page, dagster_ui: DagsterUI, tmp_path: Path
+) -> None:
+    """The daemon of `dagster dev` runs every sensor by default; a user sees each running and its
+    latest tick (the demo's landing zone is all ingested, so the landing-zone sensor skips)."""
+    with screenshot_on_failure(page, tmp_path / "automation.png", dagster_ui):
+        page.goto("/automation")
+        for name in ("landing_zone_sensor", "retrain_policy_sensor", "automation"):
+            expect(page.get_by_text(name, exact=True)).to_be_visible()
+        page.goto(f"/locations/{CODE_LOCATION}/sensors/landing_zone_sensor")
+        # What it is for, in its own words, and the ticks the daemon made: nothing new to ingest.
+        expect(page.get_by_role("cell", name=re.compile("^Starts ingestion when files land"))).to_be_visible()
+        expect(page.get_by_text("Latest tick", exact=True)).to_be_visible()
+        expect(page.get_by_text("0 runs requested", exact=True).first).to_be_visible(timeout=RUN_TIMEOUT_MS)
+        page.screenshot(path=str(tmp_path / "landing_zone_sensor.png"), full_page=True)
+
+
+def test_the_model_evaluation_shows_its_picture(page: Page, dagster_ui: DagsterUI, tmp_path: Path) -> None:
+    with screenshot_on_failure(page, tmp_path / "evaluation.png", dagster_ui):
+        page.goto("/assets/model_evaluation")
+        page.get_by_placeholder("Filter metadata keys").fill("predicted_vs_true")
+        page.get_by_text("[Show Markdown]", exact=True).click()  # the picture is Markdown metadata
+        picture = page.get_by_role("img", name=re.compile("predicted", re.IGNORECASE)).first
+        expect(picture).to_be_visible()
+        assert picture.evaluate("image => image.naturalWidth") > 0  # decoded, not a broken image
+        page.screenshot(path=str(tmp_path / "model_evaluation.png"), full_page=True)
