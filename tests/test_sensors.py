@@ -23,6 +23,7 @@ from turbofan_assets.resources import AzureContainer, LocalFolder, Warehouse
 from turbofan_assets.sensors import (
     FILES_TAG,
     INGEST_JOB,
+    RETRAIN_JOB,
     RetrainPolicy,
     landing_zone_sensor,
     retrain_policy_sensor,
@@ -262,12 +263,20 @@ def test_the_retrain_policy_waits_for_enough_completed_engines_and_never_trains_
     [again] = retrain_tick(home, instance).run_requests
     assert again.run_key == request.run_key == "retrain-3"  # the same data: a key Dagster runs once
 
-    register(home, trajectories=3)  # what that run registers
+    # While that run is queued or running, nothing more is asked: it may register a model on data
+    # the snapshot does not show yet.
+    retraining = instance.create_run_for_job(tick.defs.resolve_job_def(RETRAIN_JOB), tags=request.tags)
+    land_failures(home, range(10, 13), minute=3)
+    tick()
+    assert "is not finished" in retrain_tick(home, instance).skip_reason.skip_message
+    instance.report_run_failed(retraining)
+
+    register(home, trajectories=6)  # what a run on the six completed lifetimes registers
     assert skipped(retrain_tick(home, instance))
     land_failures(home, range(4, 7), minute=2)
     tick()
     [later] = retrain_tick(home, instance).run_requests
-    assert later.run_key == "retrain-6"
+    assert later.run_key == "retrain-9"
 
 
 def test_automation_rematerialises_labels_and_features_only_after_new_telemetry(

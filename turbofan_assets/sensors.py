@@ -48,6 +48,13 @@ RETRAIN_AFTER_ENV = "TURBOFAN_RETRAIN_AFTER"  # the retrain policy's threshold f
 FILES_TAG = "turbofan/landing_files"  # the digest of the files a run was requested for
 _FAILED = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 _DONE = (DagsterRunStatus.SUCCESS, *_FAILED)
+_UNFINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
 
 retrain_job = define_asset_job(
     RETRAIN_JOB,
@@ -145,7 +152,16 @@ def completed_trajectories(conn: duckdb.DuckDBPyConnection) -> int:
     "(RetrainPolicy.min_new_trajectories, default 10), never on every file nor twice for the same data. "
     "Reads the warehouse's read snapshot, never the writer's lock.",
 )
-def retrain_policy_sensor(warehouse: Warehouse, retrain_policy: RetrainPolicy) -> SensorResult:
+def retrain_policy_sensor(
+    context: SensorEvaluationContext, warehouse: Warehouse, retrain_policy: RetrainPolicy
+) -> SensorResult:
+    # A retraining queued or running will register a model on data the snapshot may not show yet:
+    # judge after it, or the same data would train twice.
+    unfinished = context.instance.get_run_records(
+        RunsFilter(job_name=RETRAIN_JOB, statuses=_UNFINISHED), limit=1
+    )
+    if unfinished:
+        return SensorResult(skip_reason=f"retraining run {unfinished[0].dagster_run.run_id} is not finished")
     try:
         with warehouse.read() as conn:
             completed = completed_trajectories(conn)
