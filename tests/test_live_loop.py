@@ -20,8 +20,10 @@ from turbofan_core.cmapss import read_cmapss
 from turbofan_core.storage import LocalStore
 from turbofan_warehouse.ingest import ingest_new_files
 
-UNITS = 20
+FIRST, MORE = "1-12", "13-24"  # engines `turbofan live` flies, then more from a second simulator
+UNITS = 24
 WAIT_SECONDS = 420  # a hang guard, far above what the loop takes
+TURBOFAN = str(Path(sys.executable).parent / "turbofan")
 
 
 def _free_port() -> int:
@@ -43,6 +45,25 @@ def _wait_for(pattern: str, log: Path, live: subprocess.Popen) -> re.Match:
     raise AssertionError(f"no {pattern!r} within {WAIT_SECONDS} s:\n{log.read_text()}")
 
 
+def _fly_more_engines(home: Path, env: dict[str, str]) -> None:
+    """New devices, registered with `turbofan devices` while the edge runs, fly more engines."""
+    devices = [f"Client_{unit:03d}" for unit in range(13, 25)]
+    created = subprocess.run(
+        [TURBOFAN, "devices", "create", *devices, "--state", str(home / "edge"),
+         "--gateway-host", "localhost"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    strings = home / "more_devices.txt"
+    strings.write_text(created.stdout)
+    flown = subprocess.run(
+        [TURBOFAN, "simulate", "--file", str(home / "data" / "cmapss" / "train_FD001.txt"),
+         "--units", MORE, "--to", "iothub", "--connection-strings", str(strings),
+         "--ca-file", str(home / "edge" / "certs" / "ca.pem"), "--rate", "20"],
+        capture_output=True, text=True, env=env, timeout=WAIT_SECONDS,
+    )  # fmt: skip
+    assert flown.returncode == 0, flown.stdout + flown.stderr
+
+
 def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_is_killed(
     tmp_path: Path, cmapss_dir: Path
 ) -> None:
@@ -53,7 +74,7 @@ def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_i
     log = tmp_path / "live.out"
     with log.open("wb") as out:
         live = subprocess.Popen(
-            [str(Path(sys.executable).parent / "turbofan"), "live", "--units", f"1-{UNITS}", "--rate", "10",
+            [TURBOFAN, "live", "--units", FIRST, "--rate", "10",
              "--retrain-after", "5", "--ui-port", str(_free_port()), "--edge-port", str(_free_port())],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
@@ -68,7 +89,8 @@ def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_i
         deployed = _wait_for(r"deployment +v(\d+) to local:\S+: applied", log, live)[1]
         _wait_for(rf"edge serves model v{deployed}", log, live)
         _wait_for(r"simulator finished \(exit 0\)", log, live)
-        _wait_for(r"model v2 trained", log, live)  # later engines retrain it, whatever the gate says
+        _fly_more_engines(home, env)
+        _wait_for(r"model v2 trained", log, live)  # they retrain it, whatever the gate says
     finally:
         os.killpg(live.pid, signal.SIGINT)  # Ctrl-C
         live.wait(timeout=180)

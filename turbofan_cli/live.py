@@ -285,7 +285,7 @@ def _events(home: Home, edge_url: str, seen: _Seen) -> list[str]:
     for version, stage, reason in models:
         if seen.models.get(version) != stage:
             verb = "trained" if version not in seen.models else "now"
-            lines.append(f"model v{version} {verb}: {stage} ({reason})")
+            lines.append(f"model v{version} {verb}: {stage}" + (f" ({reason})" if reason else ""))
             seen.models[version] = stage
     for version, target, result, reason in deployed[seen.deployments :]:
         lines.append(f"deployment  v{version} to {target}: {result}" + (f" ({reason})" if reason else ""))
