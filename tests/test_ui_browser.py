@@ -201,3 +201,26 @@ def test_the_model_evaluation_shows_its_picture(page: Page, dagster_ui: DagsterU
         expect(picture).to_be_visible()
         assert picture.evaluate("image => image.naturalWidth") > 0  # decoded, not a broken image
         page.screenshot(path=str(tmp_path / "model_evaluation.png"), full_page=True)
+
+
+def test_the_deployment_manifest_renders_after_materialising_it(
+    page: Page, dagster_ui: DagsterUI, tmp_path: Path
+) -> None:
+    """The demo left a champion; materialising the manifest from the UI shows it as JSON."""
+    with screenshot_on_failure(page, tmp_path / "manifest.png", dagster_ui):
+        page.goto("/assets/edge_deployment_manifest")
+        materialize = page.get_by_role("button", name=re.compile(r"Materialize$"))
+        expect(materialize).to_be_enabled()
+        materialize.click()
+        toast = page.get_by_role("region", name=re.compile("Notifications"))
+        toast.get_by_role("link", name="View").click()
+        expect(page).to_have_title(TERMINAL_RUN_TITLE, timeout=RUN_TIMEOUT_MS)
+        assert "[SUCCESS]" in page.title(), f"the run did not succeed: {page.title()!r}"
+        page.goto("/assets/edge_deployment_manifest")
+        page.get_by_placeholder("Filter metadata keys").fill("manifest")
+        page.get_by_text("[Show JSON]", exact=True).click()
+        dialog = page.get_by_role("dialog")
+        # The manifest as IoT Hub gets it: the agent's and hub's desired properties, the model's hash.
+        for text in ("modulesContent", "$edgeAgent", "$edgeHub", "timeToLiveSecs"):
+            expect(dialog.get_by_text(text).first).to_be_visible()
+        page.screenshot(path=str(tmp_path / "deployment_manifest.png"), full_page=True)
