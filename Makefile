@@ -88,6 +88,7 @@ bench: install
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_edge.py
 	$(PY) bench/bench_gateway.py
+	$(PY) bench/bench_loop.py
 
 ui: install
 	$(VENV)/bin/turbofan ui
