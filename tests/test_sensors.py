@@ -14,6 +14,8 @@ from dagster import (
     DagsterInstance,
     RunRequest,
     SensorResult,
+    SkipReason,
+    build_schedule_context,
     build_sensor_context,
     evaluate_automation_conditions,
 )
@@ -27,6 +29,7 @@ from turbofan_assets.sensors import (
     RetrainPolicy,
     landing_zone_sensor,
     retrain_policy_sensor,
+    retrain_schedule,
 )
 from turbofan_core.capture import device_message, encode_avro
 from turbofan_core.home import Home
@@ -300,3 +303,28 @@ def test_automation_rematerialises_labels_and_features_only_after_new_telemetry(
     tick()
     later = evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
     assert later.get_num_requested(AssetKey("rul_labels")) == 1
+
+
+def test_the_retrain_schedule_retrains_on_any_new_data_and_never_on_the_same(
+    home: Home, tmp_path: Path
+) -> None:
+    # A schedule's context holds a reference to its instance: a persistent one, not ephemeral.
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster")) as instance:
+        _scheduled_retraining(home, Tick(home, instance, LocalFolder(path=str(home.landing))))
+
+
+def _scheduled_retraining(home: Home, tick: Tick) -> None:
+    def scheduled() -> RunRequest | SkipReason:
+        resources = {"warehouse": tick.resources["warehouse"]}
+        with build_schedule_context(instance=tick.instance, resources=resources) as context:
+            return retrain_schedule(context)
+
+    assert isinstance(scheduled(), SkipReason)  # nothing ingested
+    land_failures(home, range(1, 2), minute=0)
+    tick()
+    request = scheduled()
+    assert isinstance(request, RunRequest) and request.run_key == "retrain-1"  # one new lifetime is enough
+    register(home, trajectories=1)
+    skipped_night = scheduled()
+    assert isinstance(skipped_night, SkipReason) and "0 newly completed" in skipped_night.skip_message

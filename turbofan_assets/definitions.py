@@ -36,6 +36,7 @@ from turbofan_assets.sensors import (
     landing_zone_sensor,
     retrain_job,
     retrain_policy_sensor,
+    retrain_schedule,
 )
 from turbofan_core.azure_settings import (
     STORAGE_CONNECTION_STRING_ENV,
@@ -92,6 +93,7 @@ def build_definitions(home: Home) -> Definitions:
             ingest_job,
             retrain_job,
         ],
+        schedules=[retrain_schedule],
         sensors=[
             landing_zone_sensor,
             retrain_policy_sensor,

@@ -27,13 +27,18 @@ import duckdb
 from dagster import (
     AssetSelection,
     ConfigurableResource,
+    DagsterInstance,
     DagsterRunStatus,
+    DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
+    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     define_asset_job,
+    schedule,
     sensor,
 )
 
@@ -155,35 +160,46 @@ def completed_trajectories(conn: duckdb.DuckDBPyConnection) -> int:
 def retrain_policy_sensor(
     context: SensorEvaluationContext, warehouse: Warehouse, retrain_policy: RetrainPolicy
 ) -> SensorResult:
-    # A retraining queued or running will register a model on data the snapshot may not show yet:
-    # judge after it, or the same data would train twice.
-    unfinished = context.instance.get_run_records(
-        RunsFilter(job_name=RETRAIN_JOB, statuses=_UNFINISHED), limit=1
-    )
+    decision = _retrain(context.instance, warehouse, retrain_policy.min_new_trajectories)
+    if isinstance(decision, str):
+        return SensorResult(skip_reason=decision)
+    return SensorResult(run_requests=[decision])
+
+
+@schedule(
+    job=retrain_job,
+    cron_schedule="0 3 * * *",
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Retrains every night at 03:00 (turn it on here) when any engine completed a lifetime "
+    "since the latest model's data: the calendar beside the policy, never on the same data twice.",
+)
+def retrain_schedule(context: ScheduleEvaluationContext, warehouse: Warehouse) -> RunRequest | SkipReason:
+    decision = _retrain(context.instance, warehouse, 1)
+    return SkipReason(decision) if isinstance(decision, str) else decision
+
+
+def _retrain(instance: DagsterInstance, warehouse: Warehouse, min_new: int) -> RunRequest | str:
+    """A request to retrain when at least `min_new` lifetimes completed since the latest model's
+    data, else why not. A retraining queued or running will register a model on data the snapshot
+    may not show yet: nothing is asked until it ends, or the same data would train twice."""
+    unfinished = instance.get_run_records(RunsFilter(job_name=RETRAIN_JOB, statuses=_UNFINISHED), limit=1)
     if unfinished:
-        return SensorResult(skip_reason=f"retraining run {unfinished[0].dagster_run.run_id} is not finished")
+        return f"retraining run {unfinished[0].dagster_run.run_id} is not finished"
     try:
         with warehouse.read() as conn:
             completed = completed_trajectories(conn)
             latest = registry.latest(conn) if registry.exists(conn) else None
     except (NoSnapshot, duckdb.CatalogException):
-        return SensorResult(skip_reason="nothing ingested yet")
+        return "nothing ingested yet"
     trained_on = latest.data_watermark["trajectories"] if latest is not None else 0
     new = completed - trained_on
     basis = f"model version {latest.version}'s {trained_on}" if latest is not None else "no model yet"
-    if new < retrain_policy.min_new_trajectories:
-        return SensorResult(
-            skip_reason=f"{new} newly completed trajectories since {basis}; "
-            f"retraining needs {retrain_policy.min_new_trajectories}"
-        )
-    return SensorResult(
-        run_requests=[
-            RunRequest(
-                run_key=f"retrain-{completed}",
-                tags={
-                    "turbofan/completed_trajectories": str(completed),
-                    "turbofan/reason": f"{new} new since {basis}",
-                },
-            )
-        ]
+    if new < min_new:
+        return f"{new} newly completed trajectories since {basis}; retraining needs {min_new}"
+    return RunRequest(
+        run_key=f"retrain-{completed}",
+        tags={
+            "turbofan/completed_trajectories": str(completed),
+            "turbofan/reason": f"{new} new since {basis}",
+        },
     )
