@@ -89,8 +89,8 @@ def _to_ingest(landing_zone: FileStore, warehouse: Warehouse) -> dict[str, str]:
         try:
             with warehouse.read() as conn:
                 pending, _ = pending_files(store, conn)
-        except (NoSnapshot, duckdb.CatalogException):  # nothing ingested yet: every file is new
-            return {file.name: file.version for file in store.list_files() if file.size}
+        except (NoSnapshot, duckdb.CatalogException):  # nothing ingested yet
+            pending, _ = pending_files(store, None)
     return {item.file.name: item.file.version for item in pending}
 
 

@@ -75,7 +75,6 @@ class _Seen:
 
     files: int = 0
     ingested: int = 0
-    completed: int = 0
     models: dict[int, str] = field(default_factory=dict)  # version -> stage
     deployments: int = 0
     serving: str | None = None
@@ -170,21 +169,13 @@ def _check_ports(args: argparse.Namespace) -> None:
 
 
 def _prepare_edge(edge_dir: Path, devices: list[str]):
-    """Certificates, the admin key (a file, mode 0600) and the devices' identities, made once:
-    a second run reuses them."""
+    """The gateway's certificate (from the folder's CA, made once, so devices keep trusting it), the
+    admin key (a file, mode 0600) and the devices' identities; a second run reuses key and identities."""
     from edge_module.auth import DeviceRegistry, connection_string
-    from edge_module.certs import CA_CERT, write_certs
+    from edge_module.certs import write_certs
     from turbofan_core.atomic_file import write_atomically
 
-    certs_dir = edge_dir / "certs"
-    if (certs_dir / CA_CERT).exists() and (certs_dir / f"{GATEWAY_HOST}.pem").exists():
-        from edge_module.certs import CertPaths
-
-        certs = CertPaths(
-            certs_dir / CA_CERT, certs_dir / f"{GATEWAY_HOST}.pem", certs_dir / f"{GATEWAY_HOST}.key"
-        )
-    else:
-        certs = write_certs(certs_dir, GATEWAY_HOST)
+    certs = write_certs(edge_dir / "certs", GATEWAY_HOST)
     admin_key_file = edge_dir / "admin.key"
     if not admin_key_file.exists():
         write_atomically(admin_key_file, secrets.token_urlsafe(32).encode(), 0o600)
@@ -254,8 +245,10 @@ def _follow(home: Home, processes: list[_Process], simulator: _Process, edge_url
 
 def _events(home: Home, edge_url: str, seen: _Seen) -> list[str]:
     """What changed since the last look: files landed, rows ingested, models, deployments, serving."""
+    from turbofan_assets.sensors import completed_trajectories
     from turbofan_core.storage import LocalStore
     from turbofan_warehouse import registry
+    from turbofan_warehouse.schema import has_table
     from turbofan_warehouse.snapshot import NoSnapshot, read_snapshot
 
     lines = []
@@ -266,9 +259,7 @@ def _events(home: Home, edge_url: str, seen: _Seen) -> list[str]:
     try:
         with read_snapshot(home.warehouse) as conn:
             ingested = conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]
-            completed = conn.execute(
-                "SELECT count(*) FROM (SELECT DISTINCT device_id, lifetime FROM failure_events)"
-            ).fetchone()[0]
+            completed = completed_trajectories(conn)
             models = (
                 conn.execute("SELECT version, stage, reason FROM model_registry ORDER BY version").fetchall()
                 if registry.exists(conn)
@@ -276,12 +267,12 @@ def _events(home: Home, edge_url: str, seen: _Seen) -> list[str]:
             )
             deployed = conn.execute(
                 "SELECT model_version, target, result, reason FROM deployments ORDER BY deployed_at"
-            ).fetchall() if _has_table(conn, "deployments") else []  # fmt: skip
+            ).fetchall() if has_table(conn, "deployments") else []  # fmt: skip
     except NoSnapshot:
         return lines
     if ingested > seen.ingested:
         lines.append(f"ingested    {ingested:,} messages; {completed} engines have failed")
-        seen.ingested, seen.completed = ingested, completed
+        seen.ingested = ingested
     for version, stage, reason in models:
         if seen.models.get(version) != stage:
             verb = "trained" if version not in seen.models else "now"
@@ -295,12 +286,6 @@ def _events(home: Home, edge_url: str, seen: _Seen) -> list[str]:
         lines.append(f"edge serves model v{serving}: the devices' answers now come from it")
         seen.serving = serving
     return lines
-
-
-def _has_table(conn, name: str) -> bool:
-    return bool(
-        conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchone()[0]
-    )
 
 
 def _serving(edge_url: str) -> str | None:

@@ -67,15 +67,16 @@ class _Pending:
     attempts: int  # failed reads of this version so far
 
 
-def pending_files(store: ObjectStore, conn: duckdb.DuckDBPyConnection) -> tuple[list[_Pending], list[str]]:
-    """Files to read, in name order, and the empty files left for later (`conn` may be a read-only
-    snapshot: the landing-zone sensor asks the same question ingestion does)."""
-    ledger = {
-        name: (version, sha256, status, attempts)
-        for name, version, sha256, status, attempts in conn.execute(
-            "SELECT name, version, sha256, status, attempts FROM landing_files"
-        ).fetchall()
-    }
+def pending_files(
+    store: ObjectStore, conn: duckdb.DuckDBPyConnection | None
+) -> tuple[list[_Pending], list[str]]:
+    """Files to read, in name order, and the empty files left for later. `conn` may be a read-only
+    snapshot (the landing-zone sensor asks the same question ingestion does), or None before
+    anything was ingested."""
+    rows = [] if conn is None else conn.execute(
+        "SELECT name, version, sha256, status, attempts FROM landing_files"
+    ).fetchall()  # fmt: skip
+    ledger = {name: (version, sha256, status, attempts) for name, version, sha256, status, attempts in rows}
     pending: list[_Pending] = []
     waiting: list[str] = []
     for file in store.list_files():

@@ -84,7 +84,7 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
             f"the warehouse has schema version {found}, this code needs {SCHEMA_VERSION}: delete the "
             "warehouse file (the landing zone keeps every message) and run ingestion again"
         )
-    if found is None and _has_table(conn, "telemetry"):
+    if found is None and has_table(conn, "telemetry"):
         raise WarehouseSchemaError(
             "the warehouse predates schema versions: delete the warehouse file (the landing zone keeps "
             "every message) and run ingestion again"
@@ -93,13 +93,13 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
 
 
 def schema_version(conn: duckdb.DuckDBPyConnection) -> int | None:
-    if not _has_table(conn, "warehouse_info"):
+    if not has_table(conn, "warehouse_info"):
         return None
     row = conn.execute("SELECT value FROM warehouse_info WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else None
 
 
-def _has_table(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
+def has_table(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
     query = "SELECT count(*) FROM information_schema.tables WHERE table_name = ?"
     return conn.execute(query, [table]).fetchone()[0] > 0
 
