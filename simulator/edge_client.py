@@ -52,6 +52,8 @@ class EdgeClient(AcknowledgedTransport):
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         timeout: float = 10.0,
         on_retry: Callable[[str, float], None] | None = None,
+        late: float = 0.0,
+        seed: int = 0,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -64,14 +66,14 @@ class EdgeClient(AcknowledgedTransport):
         self.hostname = hostname
         self.retry_seconds = retry_seconds
         self.on_retry = on_retry
-        super().__init__()
+        super().__init__(late, seed)
         self.retries = 0
         self._path = parts.path.rstrip("/") + "/telemetry"
         self._connection = connection(parts.hostname, parts.port, timeout=timeout)
         self._tokens: dict[str, tuple[str, float]] = {}  # device -> (token, expiry)
 
-    def send(self, record: CaptureRecord, device_id: str) -> int:
-        """Post `record` as `device_id` until answered; returns its "file": the device's earlier answers."""
+    def _send_now(self, record: CaptureRecord, device_id: str) -> None:
+        """Post `record` as `device_id` until answered."""
         system = record.system_properties
         content_type = system.get("contentType", "application/json")
         encoding = system.get("contentEncoding")
@@ -87,7 +89,6 @@ class EdgeClient(AcknowledgedTransport):
                 self.answers.count(device_id, answer)
             except UnknownAnswer as error:
                 raise EdgeError(f"the edge at {self.url} gave {error}") from None
-        return self._acknowledged(device_id)
 
     def close(self) -> None:
         self._connection.close()

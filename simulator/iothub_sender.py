@@ -58,10 +58,12 @@ class IoTHubSender(AcknowledgedTransport):
         server_verification_cert: str | None = None,
         on_connection: Callable[[str, bool], None] | None = None,
         acknowledge_seconds: float = 120.0,
+        late: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.connection_strings = dict(connection_strings)
         self.server_verification_cert = server_verification_cert
-        super().__init__()
+        super().__init__(late, seed)
         self.on_connection = on_connection  # (device, connected): the SDK reconnects out of sight
         self._clients: dict[str, IoTHubDeviceClient] = {}
         self.acknowledge_seconds = acknowledge_seconds  # how long one message may wait for its PUBACK
@@ -101,8 +103,8 @@ class IoTHubSender(AcknowledgedTransport):
         except (ValueError, KeyError, TypeError, UnknownAnswer) as error:
             log.warning("device %s: a cloud-to-device message that is not an answer: %s", device_id, error)
 
-    def send(self, record: CaptureRecord, device_id: str) -> int:
-        """Send `record` as `device_id`; returns once acknowledged (its "file" number)."""
+    def _send_now(self, record: CaptureRecord, device_id: str) -> None:
+        """Send `record` as `device_id`; returns once acknowledged."""
         from azure.iot.device import Message
 
         system = record.system_properties
@@ -115,7 +117,6 @@ class IoTHubSender(AcknowledgedTransport):
         message.custom_properties = dict(record.properties)
         client = self._client(device_id)
         self._deliver(client, device_id, message)
-        return self._acknowledged(device_id)
 
     def _deliver(self, client: IoTHubDeviceClient, device_id: str, message: Message) -> None:
         """Send until acknowledged, for at most `acknowledge_seconds`. The SDK alone may wait for a

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from conftest import REPO_ROOT, AzuriteInfo
 
+from simulator.answers import AcknowledgedTransport
 from simulator.capture_writer import CaptureWriter
 from simulator.replay import ReplayInterrupted, ReplayStats, UnknownUnits, replay
 from turbofan_cli import simulate
@@ -401,6 +402,54 @@ def test_late_files_are_published_after_later_ones_under_their_own_name(
         if any(n > name and n.split("/")[1] == name.split("/")[1] for n in late.created[:i])
     ]
     assert same_partition, "a reader listing a partition sees a file appear before an earlier name"
+
+
+class ArrivalOrder(AcknowledgedTransport):
+    """The receiving end of a transport that delivers one message at a time: the order of arrival."""
+
+    def __init__(self, late: float, seed: int) -> None:
+        super().__init__(late, seed)
+        self.arrived: list[CaptureRecord] = []
+
+    def _send_now(self, record: CaptureRecord, device_id: str) -> None:
+        self.arrived.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def test_late_messages_arrive_after_later_ones_of_their_device_never_after_its_failure_event(
+    train: pd.DataFrame,
+) -> None:
+    def deliver(late: float, seed: int) -> tuple[ArrivalOrder, ReplayStats]:
+        transport = ArrivalOrder(late, seed)
+        stats = replay(train, transport, units=SIX, engines_per_device=2, duplicates=0.05, seed=seed)
+        return transport, stats
+
+    in_order, _ = deliver(0.0, 4)
+    late, stats = deliver(0.2, 4)
+    ids = [record.message_id for record in late.arrived]
+    assert (
+        ids
+        == [r.message_id for r in deliver(0.2, 4)[0].arrived]
+        != [r.message_id for r in deliver(0.2, 5)[0].arrived]
+    ), "drawn with the seed"
+    assert Counter(ids) == Counter(r.message_id for r in in_order.arrived), "the same messages, later"
+
+    in_time = dict.fromkeys(record.message_id for record in in_order.arrived)
+    sent_at = {message_id: i for i, message_id in enumerate(in_time)}
+    originals = list(dict.fromkeys(ids))  # first arrivals; copies come after their original
+    overtaken = 0
+    for device in {record.device_id for record in late.arrived}:
+        arrived = [message_id for message_id in originals if message_id.startswith(f"{device}-")]
+        newest = -1
+        for i, message_id in enumerate(arrived):
+            overtaken += sent_at[message_id] < newest
+            newest = max(newest, sent_at[message_id])
+            if message_id.endswith("-failure"):  # every message of its engine arrived before it
+                engine = message_id.removesuffix("failure")
+                assert not [later for later in arrived[i + 1 :] if later.startswith(engine)], message_id
+    assert 0 < overtaken <= stats.late_files == late.late_messages < 0.3 * len(ids)
 
 
 def test_interrupt_publishes_held_files_and_sent_copies(train: pd.DataFrame, tmp_path: Path) -> None:

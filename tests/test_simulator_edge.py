@@ -24,7 +24,7 @@ from test_bundle import make_bundle
 from tqdm import tqdm
 
 from edge_module.auth import DeviceRegistry
-from simulator.answers import Answer
+from simulator.answers import Answer, Answers
 from simulator.edge_client import EdgeClient
 from turbofan_cli.main import main
 from turbofan_cli.simulate import _LiveAnswers
@@ -157,7 +157,7 @@ def warehouse_ids(landing: Path, database: Path) -> Counter[str]:
     return Counter(message_id for (message_id,) in rows)
 
 
-def test_a_replay_to_the_edge_is_scored_and_lands_each_message_once(
+def test_a_replay_to_the_edge_with_copies_and_late_messages_is_scored_and_lands_each_message_once(
     scoring_edge: Edge,
     train: pd.DataFrame,
     cmapss_dir: Path,
@@ -165,7 +165,7 @@ def test_a_replay_to_the_edge_is_scored_and_lands_each_message_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     edge = scoring_edge
-    argv = simulate(edge, "--duplicates", "0.1", file=cmapss_dir / "train_FD001.txt")
+    argv = simulate(edge, "--duplicates", "0.1", "--late", "0.1", file=cmapss_dir / "train_FD001.txt")
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     ids = expected_ids(train)
@@ -173,6 +173,7 @@ def test_a_replay_to_the_edge_is_scored_and_lands_each_message_once(
     assert (count(out, "messages"), count(out, "failure events")) == (messages, len(UNITS))
     copies = round(0.1 * len(ids))
     assert (count(out, "resent copies"), count(out, "duplicates")) == (copies, copies), out
+    assert 0.05 < count(out, "late messages") / (len(ids) + copies) < 0.15, out
     assert count(out, "scored") == messages, out
     assert (count(out, "refused"), count(out, "retries"), count(out, "unscored")) == (0, 0, 0), out
 
@@ -254,10 +255,6 @@ def test_devices_missing_from_the_registry_are_one_line_and_register_creates_the
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (
-            ["--to", "edge", "--edge-url", NOWHERE, "--late", "0.1"],
-            "--late publishes capture files",
-        ),
         (["--to", "edge"], "--to edge needs --edge-url URL"),
         (
             ["--to", "edge", "--edge-url", NOWHERE, "--landing-dir", "."],
@@ -295,3 +292,16 @@ def test_the_progress_bar_shows_the_devices_nearest_failure_and_retries() -> Non
         assert "Client_001" not in stream.getvalue()
         live.retrying("ConnectionRefusedError: refused", 118.4)
         assert "edge unreachable (ConnectionRefusedError); resending for 118 s more" in stream.getvalue()
+
+
+def test_a_late_message_s_answer_does_not_replace_its_device_s_newer_one() -> None:
+    def scored(cycle: int, p50: float) -> dict:
+        return {"status": "scored", "cycle": cycle, "rul": {"p50": p50, "p10": p50 - 9, "p90": p50 + 9}}
+
+    answers = Answers()
+    answers.count("Client_001", scored(10, 50.0))
+    answers.count("Client_001", scored(8, 52.0))  # sent late, after cycle 10
+    assert (answers.latest["Client_001"].cycle, answers.scored) == (10, 2)
+    answers.count("Client_001", {"status": "failure_event", "cycle": 11})
+    answers.count("Client_001", scored(1, 120.0))  # the next engine's first cycle
+    assert answers.latest["Client_001"] == Answer("scored", 1, 120.0, 111.0, 129.0)

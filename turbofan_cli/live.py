@@ -34,6 +34,7 @@ MQTT_PORT = 8883  # azure-iot-device always connects to 8883
 START_SECONDS = 180.0
 POLL_SECONDS = 2.0
 DUPLICATES = 0.01
+LATE = 0.01
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             str(bin_dir / "turbofan"), "simulate", "--file", str(data / "train_FD001.txt"),
             "--units", args.units, "--to", "iothub", "--connection-strings", str(devices_file),
             "--ca-file", str(certs.ca_cert), "--rate", str(args.rate), "--duplicates", str(DUPLICATES),
+            "--late", str(LATE),
         ])  # fmt: skip
         print(f"simulator: FD001 train units {args.units} through the gateway; logs in {logs}", flush=True)
         _follow(home, processes, simulator, f"http://127.0.0.1:{args.edge_port}")

@@ -142,7 +142,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_fraction,
         default=0.0,
         metavar="FRACTION",
-        help="fraction of the capture files published after later ones, under their own name (default 0)",
+        help="fraction of the capture files published after later ones, under their own name; with "
+        "--to edge or iothub, of the messages sent after 1-3 later messages of their device (default 0)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random draws of --duplicates and --late (default 0)"
@@ -226,11 +227,6 @@ def _check_target_flags(args: argparse.Namespace) -> None:
         if args.retry_seconds is not None:
             raise CommandError("--retry-seconds only applies to --to edge and --to iothub")
         return
-    if args.late:
-        raise CommandError(
-            f"--late publishes capture files late, which has no meaning for --to {args.to}: "
-            "each message is acknowledged as it is sent"
-        )
     if args.landing_dir or args.container:
         raise CommandError(
             f"--landing-dir and --container do not apply to --to {args.to}: the edge (or the hub's "
@@ -247,7 +243,14 @@ def _run_edge(args: argparse.Namespace, selected: pd.DataFrame, failure_events: 
     keys = _device_keys(state / REGISTRY_FILENAME, device_ids(units, args.engines_per_device), args.register)
     retry_seconds = DEFAULT_RETRY_SECONDS if args.retry_seconds is None else args.retry_seconds
     try:
-        client = EdgeClient(args.edge_url, keys, args.hub_hostname or DEFAULT_HUB_HOSTNAME, retry_seconds)
+        client = EdgeClient(
+            args.edge_url,
+            keys,
+            args.hub_hostname or DEFAULT_HUB_HOSTNAME,
+            retry_seconds,
+            late=args.late,
+            seed=args.seed,
+        )
     except ValueError as error:
         raise CommandError(f"--edge-url: {error}") from None
     try:
@@ -255,11 +258,7 @@ def _run_edge(args: argparse.Namespace, selected: pd.DataFrame, failure_events: 
             stats, interrupted = _replay_with_progress(selected, client, args, failure_events, args.edge_url)
     except EdgeError as error:
         raise CommandError(str(error)) from None
-    print(
-        _edge_summary(
-            stats, client.answers, client.retries, args.edge_url, interrupted, bool(args.duplicates)
-        )
-    )
+    print(_edge_summary(stats, client.answers, client.retries, args.edge_url, interrupted, args))
     return 130 if interrupted else 0
 
 
@@ -308,14 +307,18 @@ def _run_iothub(args: argparse.Namespace, selected: pd.DataFrame, failure_events
     first = device_fields(strings[devices[0]])
     where = first.get("GatewayHostName") or first["HostName"]
     sender = IoTHubSender(
-        {device: strings[device] for device in devices}, certificate, acknowledge_seconds=retry_seconds
+        {device: strings[device] for device in devices},
+        certificate,
+        acknowledge_seconds=retry_seconds,
+        late=args.late,
+        seed=args.seed,
     )
     try:
         with sender:
             stats, interrupted = _replay_with_progress(selected, sender, args, failure_events, where)
     except IoTHubError as error:
         raise CommandError(redact(str(error), ";".join(strings.values()))) from None
-    print(_edge_summary(stats, sender.answers, None, where, interrupted, resent=bool(args.duplicates)))
+    print(_edge_summary(stats, sender.answers, None, where, interrupted, args))
     return 130 if interrupted else 0
 
 
@@ -471,7 +474,12 @@ def _summary(stats: ReplayStats, where: str, interrupted: bool, delivery: bool) 
 
 
 def _edge_summary(
-    stats: ReplayStats, answers: Answers, retries: int | None, where: str, interrupted: bool, resent: bool
+    stats: ReplayStats,
+    answers: Answers,
+    retries: int | None,
+    where: str,
+    interrupted: bool,
+    args: argparse.Namespace,
 ) -> str:
     """The counts and the edge's answers, one per line; the commonest refusal reasons with the refusals.
     `retries` is None where the client retries out of sight (azure-iot-device)."""
@@ -481,8 +489,10 @@ def _edge_summary(
         f"messages:       {stats.messages}",
         f"failure events: {stats.failure_events}",
     ]
-    if resent:
+    if args.duplicates:
         lines.append(f"resent copies:  {stats.duplicates}")
+    if args.late:
+        lines.append(f"late messages:  {stats.late_files}")
     refused = f"refused:        {answers.refused}"
     if answers.refusals:
         refused += " (" + "; ".join(f"{n} x {why}" for why, n in answers.refusals.most_common(3)) + ")"
