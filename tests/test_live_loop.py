@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
+from browser import artifacts_of, chromium, ui_page
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from playwright.sync_api import expect
 
 from turbofan_core.cmapss import read_cmapss
 from turbofan_core.storage import LocalStore
@@ -23,6 +27,8 @@ from turbofan_warehouse.ingest import ingest_new_files
 FIRST, MORE = "1-12", "13-24"  # engines `turbofan live` flies, then more from a second simulator
 UNITS = 24
 WAIT_SECONDS = 420  # a hang guard, far above what the loop takes
+UI_TIMEOUT_MS = 60_000
+FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 TURBOFAN = str(Path(sys.executable).parent / "turbofan")
 
 
@@ -64,18 +70,33 @@ def _fly_more_engines(home: Path, env: dict[str, str]) -> None:
     assert flown.returncode == 0, flown.stdout + flown.stderr
 
 
+def _see_the_live_ui(url: str, artifacts: Path) -> None:
+    """What a user watching the loop sees in the UI: the runs the sensors launched, and the
+    deployment that automation materialised (screenshots kept as artifacts)."""
+    with chromium() as browser, ui_page(browser, url, UI_TIMEOUT_MS) as page:
+        page.goto("/runs")  # "Launched by": the sensor (its name cut short) and the automation
+        expect(page.get_by_text(re.compile("^landing_zone_")).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+        expect(page.get_by_text("automation", exact=True).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=str(artifacts / "runs.png"))
+        page.goto("/locations/turbofan_assets.definitions/asset-groups/deployment")
+        node = page.locator("svg foreignObject").filter(has=page.get_by_text("edge_deployment", exact=True))
+        expect(node.get_by_text("Materialized", exact=True)).to_be_visible(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=str(artifacts / "deployment.png"))
+
+
 def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_is_killed(
-    tmp_path: Path, cmapss_dir: Path
+    tmp_path: Path, cmapss_dir: Path, request: pytest.FixtureRequest
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "TURBOFAN_HOME": str(home)}
     env.pop("DAGSTER_HOME", None)
     log = tmp_path / "live.out"
+    ui_port = _free_port()
     with log.open("wb") as out:
         live = subprocess.Popen(
             [TURBOFAN, "live", "--units", FIRST, "--rate", "10",
-             "--retrain-after", "5", "--ui-port", str(_free_port()), "--edge-port", str(_free_port())],
+             "--retrain-after", "5", "--ui-port", str(ui_port), "--edge-port", str(_free_port())],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     try:
@@ -84,13 +105,20 @@ def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_i
         _wait_for(r"ingested +[\d,]+ messages", log, live)  # the landing-zone sensor's run
         os.kill(edge_pid, signal.SIGKILL)  # mid-stream
         _wait_for(r"edge module stopped \(exit -9\); restarted", log, live)
-        _wait_for(r"model v1 trained: champion", log, live)
+        # The event lines read a snapshot: it may show v1 registered before the gate promoted it.
+        _wait_for(r"model v1 (?:trained|now): champion", log, live)
         # The champion deployed and served: v1, or v2 when it was promoted before v1 was deployed.
         deployed = _wait_for(r"deployment +v(\d+) to local:\S+: applied", log, live)[1]
         _wait_for(rf"edge serves model v{deployed}", log, live)
+        _see_the_live_ui(f"http://127.0.0.1:{ui_port}", artifacts_of(request))
         _wait_for(r"simulator finished \(exit 0\)", log, live)
         _fly_more_engines(home, env)
         _wait_for(r"model v2 trained", log, live)  # they retrain it, whatever the gate says
+        # Every run the sensors and automation launched that has finished (Ctrl-C interrupts the rest).
+        with DagsterInstance.from_config(str(home / "dagster")) as instance:
+            finished = instance.get_runs(RunsFilter(statuses=FINISHED))
+        failed = [run.job_name for run in finished if run.status != DagsterRunStatus.SUCCESS]
+        assert finished and not failed, f"runs that did not succeed: {failed}"
     finally:
         os.killpg(live.pid, signal.SIGINT)  # Ctrl-C
         live.wait(timeout=180)

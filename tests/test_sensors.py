@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from dagster import (
     AssetKey,
+    AssetSelection,
     DagsterInstance,
     RunRequest,
     SensorResult,
@@ -28,6 +29,7 @@ from turbofan_assets.sensors import (
     RETRAIN_JOB,
     RetrainPolicy,
     landing_zone_sensor,
+    retrain_job,
     retrain_policy_sensor,
     retrain_schedule,
 )
@@ -328,3 +330,12 @@ def _scheduled_retraining(home: Home, tick: Tick) -> None:
     register(home, trajectories=1)
     skipped_night = scheduled()
     assert isinstance(skipped_night, SkipReason) and "0 newly completed" in skipped_night.skip_message
+
+
+def test_the_retrain_job_holds_everything_it_reads_but_the_ingested_tables(home: Home) -> None:
+    """A retraining on a fresh state folder must not depend on automation having run first (the
+    first live retraining once failed: `reference_test_fleet` did not exist yet)."""
+    graph = build_definitions(home).resolve_asset_graph()
+    job = AssetSelection.assets(*retrain_job.selection.resolve(graph))
+    needed = job.upstream().resolve(graph) - AssetSelection.groups("ingestion").resolve(graph)
+    assert needed == job.resolve(graph)

@@ -1,31 +1,28 @@
 """The Dagster UI in a real headless Chromium, driven by Playwright: what a person sees and clicks.
 
 The `dagster_ui` fixture (tests/conftest.py) ran `turbofan demo --units 1-3` and serves `turbofan ui`
-(`dagster dev`: webserver, code server, daemon) on a free port. The browser is Debian's chromium
-(`make chromium`): Playwright's own browser builds are downloads, which this setup never makes.
+(`dagster dev`: webserver, code server, daemon) on a free port; tests/browser.py has the browser.
 Every wait is one of Playwright's auto-retrying `expect` assertions; when one fails, a screenshot
-of the page lands in the test's tmp folder and the failure message names it.
+of the page lands in the test's artifacts (`test-artifacts/<test>/`) and the failure message
+names it. The pages a user comes for are saved there too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser import artifacts_of, chromium, ui_page
 from conftest import DagsterUI
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
-from playwright.sync_api import Browser, Locator, Page, Response, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Response, expect
 from playwright.sync_api import Error as PlaywrightError
 
 from turbofan_assets.definitions import defs
 
-CHROMIUM = Path("/usr/bin/chromium")
-# --disable-background-networking: no calls home (a closed network refuses them, slowly).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 CODE_LOCATION = "turbofan_assets.definitions"
 # Generous: two loaded cores serve the webserver, the code server, the daemon and the browser.
 UI_TIMEOUT_MS = 60_000
@@ -38,28 +35,19 @@ expect.set_options(timeout=UI_TIMEOUT_MS)
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `make chromium` (Debian's chromium package)", pytrace=False)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
 def page(browser: Browser, dagster_ui: DagsterUI) -> Iterator[Page]:
-    """A fresh browser context (no cookies, no local storage) on the UI."""
-    context = browser.new_context(base_url=dagster_ui.url, viewport={"width": 1400, "height": 900})
-    context.set_default_timeout(UI_TIMEOUT_MS)
-    # `dagster dev` on localhost opens a "Join the Dagster community" dialog over whatever page is
-    # shown, a second after load; its Skip button stores this, so a returning user never sees it.
-    context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
+    with ui_page(browser, dagster_ui.url, UI_TIMEOUT_MS) as page:
+        yield page
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Path:
+    return artifacts_of(request)
 
 
 @contextlib.contextmanager
@@ -94,7 +82,7 @@ def shown_name(asset: str) -> re.Pattern[str]:
 
 
 def test_lineage_shows_every_asset_and_what_is_materialized(
-    page: Page, dagster_ui: DagsterUI, tmp_path: Path
+    page: Page, dagster_ui: DagsterUI, artifacts: Path
 ) -> None:
     groups: dict[str, list[str]] = {}
     for spec in defs.resolve_all_asset_specs():
@@ -102,7 +90,7 @@ def test_lineage_shows_every_asset_and_what_is_materialized(
     assert {"raw_telemetry", "telemetry_quarantine", "failure_events"} <= set(groups["ingestion"])
     assert {"rul_labels", "reference_test_fleet"} <= set(groups["preparation"])
 
-    with screenshot_on_failure(page, tmp_path / "lineage.png", dagster_ui):
+    with screenshot_on_failure(page, artifacts / "lineage.png", dagster_ui):
         # "Lineage" in the navigation: the whole graph, one collapsed box per group at first.
         page.goto("/asset-groups")
         for group in groups:
@@ -114,12 +102,13 @@ def test_lineage_shows_every_asset_and_what_is_materialized(
         for assets in groups.values():
             for asset in assets:
                 expect(graph_node(page, shown_name(asset))).to_be_visible()
+        page.screenshot(path=str(artifacts / "lineage.png"))
 
     # A group's own page draws full nodes: the whole name, then the latest status. The demo ran
     # the ingestion and preparation assets, so a user sees them materialized (but the quarantine:
     # the demo's fleet sends nothing malformed, and an unchanged table is not materialized).
     for group, assets in groups.items():
-        with screenshot_on_failure(page, tmp_path / f"group-{group}.png", dagster_ui):
+        with screenshot_on_failure(page, artifacts / f"group-{group}.png", dagster_ui):
             page.goto(f"/locations/{CODE_LOCATION}/asset-groups/{group}")
             for asset in assets:
                 node = graph_node(page, asset)
@@ -136,13 +125,13 @@ def _is_launch(response: Response) -> bool:
     )
 
 
-def test_materialize_button_runs_the_asset(page: Page, dagster_ui: DagsterUI, tmp_path: Path) -> None:
+def test_materialize_button_runs_the_asset(page: Page, dagster_ui: DagsterUI, artifacts: Path) -> None:
     asset = AssetKey("rul_labels")
     instance_dir = str(dagster_ui.home / "dagster")
     with DagsterInstance.from_config(instance_dir) as instance:
         [before] = instance.fetch_materializations(asset, limit=1).records  # the demo's
 
-    with screenshot_on_failure(page, tmp_path / "materialize.png", dagster_ui):
+    with screenshot_on_failure(page, artifacts / "materialize.png", dagster_ui):
         page.goto(f"/assets/{asset.to_user_string()}")
         # Its accessible name is "materialization Materialize" (icon, then label).
         materialize = page.get_by_role("button", name=re.compile(r"Materialize$"))
@@ -176,11 +165,11 @@ def test_materialize_button_runs_the_asset(page: Page, dagster_ui: DagsterUI, tm
 
 
 def test_the_sensors_and_automation_show_their_ticks(
-    page: Page, dagster_ui: DagsterUI, tmp_path: Path
+    page: Page, dagster_ui: DagsterUI, artifacts: Path
 ) -> None:
     """The daemon of `dagster dev` runs every sensor by default; a user sees each running and its
     latest tick (the demo's landing zone is all ingested, so the landing-zone sensor skips)."""
-    with screenshot_on_failure(page, tmp_path / "automation.png", dagster_ui):
+    with screenshot_on_failure(page, artifacts / "automation.png", dagster_ui):
         page.goto("/automation")
         for name in ("landing_zone_sensor", "retrain_policy_sensor", "automation"):
             expect(page.get_by_text(name, exact=True)).to_be_visible()
@@ -189,25 +178,25 @@ def test_the_sensors_and_automation_show_their_ticks(
         expect(page.get_by_role("cell", name=re.compile("^Starts ingestion when files land"))).to_be_visible()
         expect(page.get_by_text("Latest tick", exact=True)).to_be_visible()
         expect(page.get_by_text("0 runs requested", exact=True).first).to_be_visible(timeout=RUN_TIMEOUT_MS)
-        page.screenshot(path=str(tmp_path / "landing_zone_sensor.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "landing_zone_sensor.png"), full_page=True)
 
 
-def test_the_model_evaluation_shows_its_picture(page: Page, dagster_ui: DagsterUI, tmp_path: Path) -> None:
-    with screenshot_on_failure(page, tmp_path / "evaluation.png", dagster_ui):
+def test_the_model_evaluation_shows_its_picture(page: Page, dagster_ui: DagsterUI, artifacts: Path) -> None:
+    with screenshot_on_failure(page, artifacts / "evaluation.png", dagster_ui):
         page.goto("/assets/model_evaluation")
         page.get_by_placeholder("Filter metadata keys").fill("predicted_vs_true")
         page.get_by_text("[Show Markdown]", exact=True).click()  # the picture is Markdown metadata
         picture = page.get_by_role("img", name=re.compile("predicted", re.IGNORECASE)).first
         expect(picture).to_be_visible()
         assert picture.evaluate("image => image.naturalWidth") > 0  # decoded, not a broken image
-        page.screenshot(path=str(tmp_path / "model_evaluation.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "model_evaluation.png"), full_page=True)
 
 
 def test_the_deployment_manifest_renders_after_materialising_it(
-    page: Page, dagster_ui: DagsterUI, tmp_path: Path
+    page: Page, dagster_ui: DagsterUI, artifacts: Path
 ) -> None:
     """The demo left a champion; materialising the manifest from the UI shows it as JSON."""
-    with screenshot_on_failure(page, tmp_path / "manifest.png", dagster_ui):
+    with screenshot_on_failure(page, artifacts / "manifest.png", dagster_ui):
         page.goto("/assets/edge_deployment_manifest")
         materialize = page.get_by_role("button", name=re.compile(r"Materialize$"))
         expect(materialize).to_be_enabled()
@@ -223,4 +212,4 @@ def test_the_deployment_manifest_renders_after_materialising_it(
         # The manifest as IoT Hub gets it: the agent's and hub's desired properties, the model's hash.
         for text in ("modulesContent", "$edgeAgent", "$edgeHub", "timeToLiveSecs"):
             expect(dialog.get_by_text(text).first).to_be_visible()
-        page.screenshot(path=str(tmp_path / "deployment_manifest.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "deployment_manifest.png"), full_page=True)

@@ -64,10 +64,16 @@ _UNFINISHED = [
 retrain_job = define_asset_job(
     RETRAIN_JOB,
     selection=AssetSelection.assets(
-        "rul_labels", "training_features", "model_candidates", "champion_model", "model_evaluation"
+        "rul_labels",
+        "training_features",
+        "reference_test_fleet",
+        "model_candidates",
+        "champion_model",
+        "model_evaluation",
     ),
-    description="Labels and features brought up to date, then a new candidate trained, judged by the "
-    "promotion gate and evaluated (requested by retrain_policy_sensor).",
+    description="Labels, features and the reference test fleet brought up to date, then a new "
+    "candidate trained, judged by the promotion gate and evaluated (requested by the retrain "
+    "policy and schedule).",
 )
 
 ingest_job = define_asset_job(
