@@ -18,6 +18,9 @@ AZURITE_BLOB := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
 # NASA C-MAPSS files; tests fail (never skip) without them. Override on the command line or env.
 CMAPSS_DIR ?= $(if $(wildcard ../shared/data/cmapss/.),$(abspath ../shared/data/cmapss),)
 export CMAPSS_DIR
+# The leading units of FD002 (six operating conditions), for the tests of operating regimes.
+CMAPSS_FD002_DIR ?= $(if $(wildcard ../shared/data/cmapss-fd002/.),$(abspath ../shared/data/cmapss-fd002),)
+export CMAPSS_FD002_DIR
 # Embedded state folder (landing zone, warehouse, models, Dagster home).
 TURBOFAN_HOME ?= $(CURDIR)/.turbofan
 export TURBOFAN_HOME

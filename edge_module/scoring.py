@@ -25,7 +25,7 @@ class DeviceFeatures:
         self.spec = spec
         self._history = history
         self._engine = StreamingFeatures(spec)
-        self._columns = [MEASUREMENTS.index(sensor) for sensor in spec.sensors]
+        self._columns = [MEASUREMENTS.index(name) for name in spec.inputs]
         self._last_cycle: dict[str, int] = {}  # devices whose state is loaded; 0: a new lifetime
 
     def features(self, entry: HistoryEntry) -> np.ndarray:

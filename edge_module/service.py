@@ -111,6 +111,11 @@ class _Metrics:
         self.gateway_refusals = Counter(
             "edge_gateway_refusals", "MQTT connections refused, by reason", ["reason"], registry=self.registry
         )
+        self.unknown_regime = Counter(
+            "edge_unknown_operating_regime",
+            "Messages scored although their operational settings lie far from every regime the model knows",
+            registry=self.registry,
+        )
         self.dropped = Gauge(
             "edge_forward_dropped",
             "Messages dropped after waiting longer than the TTL",
@@ -261,8 +266,10 @@ class Edge:
             elif not failures and self._features.in_order(telemetry):
                 if telemetry:
                     scores = model.bundle.predict_matrix(self._features.features_many(telemetry))
-                    for item, row in zip((c for c in checked if c.scorable), scores, strict=True):
+                    scored = [c for c in checked if c.scorable]
+                    for item, row in zip(scored, scores, strict=True):
                         item.score(row, model)
+                    self._place_in_regimes(scored, model)
                 self._record(checked, durable)
             else:
                 for item in checked:
@@ -270,10 +277,23 @@ class Edge:
                         self._features.failure(item.entry.device_id)
                     elif item.scorable:
                         item.score(model.bundle.predict_matrix(self._features.features(item.entry))[0], model)
+                        self._place_in_regimes([item], model)
                     self._record([item], durable)
         for status, count in Tally(item.result["status"] for item in checked).items():
             self.metrics.messages.labels(status).inc(count)
         return [item.result for item in checked]
+
+    def _place_in_regimes(self, scored: list[_Checked], model: LoadedModel) -> None:
+        """Name each scored message's operating regime, flagging (and counting) one whose settings
+        lie far from every regime the model learnt: it is scored all the same."""
+        regimes = model.bundle.spec.regimes
+        if regimes is None or not scored:
+            return
+        settings = np.array([item.entry.values[: len(regimes.settings)] for item in scored])
+        nearest, far = regimes.assign(settings)
+        for item, regime, unknown in zip(scored, nearest.tolist(), far.tolist(), strict=True):
+            item.result["operating_regime"] = {"nearest": regime, "known": not unknown}
+        self.metrics.unknown_regime.inc(int(far.sum()))
 
     def _check(self, messages: list[Incoming]) -> list[_Checked]:
         """Validate (the contract's batch checks) and deduplicate, without changing any state."""

@@ -66,6 +66,20 @@ def cmapss_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cmapss_fd002_dir() -> Path:
+    """The leading units of C-MAPSS FD002 (six operating conditions), from env CMAPSS_FD002_DIR."""
+    raw = os.environ.get("CMAPSS_FD002_DIR", "")
+    path = Path(raw) if raw else None
+    if path is None or not (path / "train_FD002.txt").is_file():
+        pytest.fail(
+            f"C-MAPSS FD002 not found (CMAPSS_FD002_DIR={raw!r} has no train_FD002.txt). Run `make test`, "
+            "which sets it from ../shared/data/cmapss-fd002, or point CMAPSS_FD002_DIR at the files.",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
 def fleet(cmapss_dir: Path) -> pd.DataFrame:
     """Ten FD001 train engines as devices (`Client_001`...), run to failure: quick models to train."""
     frame = read_cmapss(cmapss_dir / "train_FD001.txt")

@@ -19,10 +19,10 @@ import pytest
 
 from turbofan_cli.main import main
 from turbofan_core.capture import read_capture
-from turbofan_core.cmapss import PUBLISHED_SHA256, UNIT, read_cmapss, verify
+from turbofan_core.cmapss import FD001_FILES, UNIT, read_cmapss, verify
 from turbofan_core.storage import LocalStore
 
-FILES = tuple(PUBLISHED_SHA256)
+FILES = FD001_FILES
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

@@ -1,4 +1,5 @@
-"""The feature definition: hand-computed values, batch/streaming parity on all of FD001, the spec contract."""
+"""The feature definition: hand-computed values, batch/streaming parity on all of FD001 and of the
+FD002 subset (six operating regimes), the spec contract."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from turbofan_core.features import (
     FeatureSpec,
     StreamingFeatures,
     compute_features,
+    fit_spec,
 )
 from turbofan_core.telemetry import MEASUREMENTS
 
@@ -32,31 +34,59 @@ FULL_SPEC = FeatureSpec(
 )
 
 
-@pytest.fixture(scope="module")
-def fd001(cmapss_dir: Path) -> pd.DataFrame:
-    """FD001 train and test units, each a device of its own (train `t1`.., test `s1`..), lifetime 1."""
+def units_as_devices(folder: Path, subset: str) -> pd.DataFrame:
+    """A subset's train and test units, each a device of its own (train `t1`.., test `s1`..), lifetime 1."""
     frames = []
-    for name, prefix in (("train_FD001.txt", "t"), ("test_FD001.txt", "s")):
-        frame = read_cmapss(cmapss_dir / name)
+    for name, prefix in ((f"train_{subset}.txt", "t"), (f"test_{subset}.txt", "s")):
+        frame = read_cmapss(folder / name)
         frame.insert(0, "device_id", prefix + frame.pop("unit").astype(str))
         frame.insert(1, "lifetime", 1)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
-@pytest.mark.parametrize("spec", [DEFAULT_SPEC, FULL_SPEC], ids=["default", "full"])
-def test_streaming_equals_batch_on_every_fd001_cycle(fd001: pd.DataFrame, spec: FeatureSpec) -> None:
-    batch = compute_features(fd001, spec)
-    assert len(batch) == len(fd001) == 20631 + 13096
+def fitted_on_train(fleet: pd.DataFrame) -> FeatureSpec:
+    """The spec fitted on the train units (their capped RUL as the target), as training fits it."""
+    train = fleet[fleet["device_id"].str.startswith("t")].copy()
+    train["rul"] = (train.groupby("device_id")["CycleTime"].transform("max") - train["CycleTime"]).clip(
+        upper=125
+    )
+    return fit_spec(train, "rul")
+
+
+@pytest.fixture(scope="module")
+def fd001(cmapss_dir: Path) -> pd.DataFrame:
+    return units_as_devices(cmapss_dir, "FD001")
+
+
+@pytest.fixture(scope="module")
+def fd002(cmapss_fd002_dir: Path) -> pd.DataFrame:
+    return units_as_devices(cmapss_fd002_dir, "FD002")
+
+
+@pytest.mark.parametrize(
+    ("subset", "spec"),
+    [("fd001", DEFAULT_SPEC), ("fd001", FULL_SPEC), ("fd001", None), ("fd002", None)],
+    ids=["fd001-default", "fd001-full", "fd001-fitted", "fd002-fitted"],
+)
+def test_streaming_equals_batch_on_every_cycle(
+    subset: str, spec: FeatureSpec | None, request: pytest.FixtureRequest
+) -> None:
+    """Every cycle of every train and test unit; `None`: the spec fitted on the train units (with
+    operating regimes: one on FD001, six on FD002)."""
+    fleet = request.getfixturevalue(subset)
+    spec = spec or fitted_on_train(fleet)
+    batch = compute_features(fleet, spec)
+    assert len(batch) == len(fleet) == {"fd001": 20631 + 13096, "fd002": 17049 + 17040}[subset]
     assert list(batch.columns) == ["device_id", "lifetime", *spec.feature_names]
 
     # Messages arrive as from a live fleet: cycle by cycle, the devices interleaved.
-    live = fd001.sort_values(["CycleTime", "device_id"], kind="stable")
+    live = fleet.sort_values(["CycleTime", "device_id"], kind="stable")
     engine = StreamingFeatures(spec)
-    sensors = list(spec.sensors)
-    rows = zip(live["device_id"], live["CycleTime"], live[sensors].to_numpy(), strict=True)
+    inputs = list(spec.inputs)
+    rows = zip(live["device_id"], live["CycleTime"], live[inputs].to_numpy(), strict=True)
     streamed = np.array([engine.update(device, int(cycle), values) for device, cycle, values in rows])
-    assert engine.devices == 200
+    assert engine.devices == fleet["device_id"].nunique()
 
     # Put the streamed vectors in the batch engine's row order (device, cycle).
     order = np.lexsort((live["CycleTime"].to_numpy(), live["device_id"].to_numpy()))
@@ -64,11 +94,19 @@ def test_streaming_equals_batch_on_every_fd001_cycle(fd001: pd.DataFrame, spec: 
     np.testing.assert_allclose(streamed[order], expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("spec", [DEFAULT_SPEC, FULL_SPEC], ids=["default", "full"])
-def test_many_devices_at_once_equal_one_at_a_time(fd001: pd.DataFrame, spec: FeatureSpec) -> None:
+@pytest.mark.parametrize(
+    ("subset", "spec"),
+    [("fd001", DEFAULT_SPEC), ("fd001", FULL_SPEC), ("fd002", None)],
+    ids=["fd001-default", "fd001-full", "fd002-fitted"],
+)
+def test_many_devices_at_once_equal_one_at_a_time(
+    subset: str, spec: FeatureSpec | None, request: pytest.FixtureRequest
+) -> None:
     """The edge's batch path: each round updates every device that has a message, in one call."""
-    live = fd001.sort_values(["CycleTime", "device_id"], kind="stable")
-    sensors = list(spec.sensors)
+    fleet = request.getfixturevalue(subset)
+    spec = spec or fitted_on_train(fleet)
+    live = fleet.sort_values(["CycleTime", "device_id"], kind="stable")
+    sensors = list(spec.inputs)
     one, many = StreamingFeatures(spec), StreamingFeatures(spec)
     for _, round_ in live.groupby("CycleTime", sort=True):
         devices, cycles = round_["device_id"].tolist(), round_["CycleTime"].tolist()

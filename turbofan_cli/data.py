@@ -20,17 +20,16 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from turbofan_cli import CommandError
-from turbofan_core.cmapss import PUBLISHED_SHA256, ChecksumMismatch, verify
+from turbofan_core.cmapss import FD001_FILES, ChecksumMismatch, verify
 from turbofan_core.home import Home
 
-CMAPSS_FILES: tuple[str, ...] = tuple(PUBLISHED_SHA256)
 NASA_URL = "https://phm-datasets.s3.amazonaws.com/NASA/6.+Turbofan+Engine+Degradation+Simulation+Data+Set.zip"
 _CHUNK = 1 << 20
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    files = ", ".join(CMAPSS_FILES)
+    files = ", ".join(FD001_FILES)
     importer = actions.add_parser(
         "import", help=f"verify and copy {files} from a folder", description=f"Verify and copy {files}."
     )
@@ -51,7 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def check_files(directory: Path) -> dict[str, str | None]:
     """Each C-MAPSS file's problem in `directory`, or None when it is the published file."""
     problems: dict[str, str | None] = {}
-    for name in CMAPSS_FILES:
+    for name in FD001_FILES:
         path = directory / name
         try:
             verify(path)
@@ -73,7 +72,7 @@ def install(source: Path, target: Path) -> None:
     if problems:
         raise CommandError("; ".join(problems) + "; nothing was copied")
     target.mkdir(parents=True, exist_ok=True)
-    for name in CMAPSS_FILES:
+    for name in FD001_FILES:
         _copy_atomically(source / name, target / name)
 
 
@@ -94,7 +93,7 @@ def _copy_atomically(source: Path, target: Path) -> None:
 def _install_and_report(source: Path) -> int:
     home = Home.from_env()
     install(source, home.imported_data)
-    print(f"installed {', '.join(CMAPSS_FILES)} (sha256 verified) in {home.imported_data}")
+    print(f"installed {', '.join(FD001_FILES)} (sha256 verified) in {home.imported_data}")
     if home.cmapss_dir() != home.imported_data:
         print(f"note: CMAPSS_DIR is set, so the pipeline reads {home.cmapss_dir()} instead")
     return 0
@@ -112,10 +111,10 @@ def run_fetch(args: argparse.Namespace) -> int:
         unpacked.mkdir()
         try:
             with zipfile.ZipFile(archive) as outer:
-                found = _find_in_zip(outer, set(CMAPSS_FILES))
+                found = _find_in_zip(outer, set(FD001_FILES))
         except zipfile.BadZipFile as error:
             raise CommandError(f"{args.url}: not a readable zip archive ({error})") from None
-        missing = [name for name in CMAPSS_FILES if name not in found]
+        missing = [name for name in FD001_FILES if name not in found]
         if missing:
             raise CommandError(f"{args.url}: no {', '.join(missing)} in the archive or the zips inside it")
         for name, data in found.items():

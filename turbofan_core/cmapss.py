@@ -23,7 +23,16 @@ PUBLISHED_SHA256: dict[str, str] = {
     "train_FD001.txt": "963b5e22825b34d8b21c69e1aeb4af3e647050eb672ee8834ba4b5d91d2de0f8",
     "test_FD001.txt": "3cda7109ce17bafb5443f2ac926cfcf88154b941b8c4cf95eb55d1ddd6f52851",
     "RUL_FD001.txt": "a19c8ec94931949d0485bdc35118206e9c81c4547b422efb9cf86f4ceddbceca",
+    # FD002 (six operating conditions): the leading units only (train 1-85, test 1-128), as in
+    # ../shared/data/cmapss-fd002; NASA's whole files have other checksums.
+    "train_FD002.txt": "ecd95467bdeba0b38e12897cc8bf0f283e49876885056c4aaea7eaae13edc64f",
+    "test_FD002.txt": "bdfc3d2c9063dd6e7fbf2393e614c9985e173c5b7e73f38e194832c18ac3a14d",
+    "RUL_FD002.txt": "ca4ae69264442f97f5b68d3cfeaa5541d5fba248d8575adbd63bd6b52832291a",
 }
+
+
+# The embedded default: what `turbofan data` installs and the pipeline reads unless configured.
+FD001_FILES: tuple[str, ...] = ("train_FD001.txt", "test_FD001.txt", "RUL_FD001.txt")
 
 
 class ChecksumMismatch(ValueError):

@@ -1,10 +1,12 @@
 """The feature definition: one spec, two engines that compute it the same way.
 
 A `FeatureSpec` names the sensors, the rolling windows and statistics, and the
-exponential smoothing factors. `compute_features` is the batch engine (training over
-the warehouse); `StreamingFeatures` is the edge engine, keeping O(max window) state
-per device. Both call the same `_window_statistics` and the same smoothing recurrence,
-so a model never sees features computed differently from those it was trained on.
+exponential smoothing factors; a spec fitted on training data (`fit_spec`) also holds the
+fleet's operating regimes, within which each sensor is standardised before anything else
+(turbofan_core/regimes.py). `compute_features` is the batch engine (training over the
+warehouse); `StreamingFeatures` is the edge engine, keeping O(max window) state per device.
+Both call the same `OperatingRegimes.standardise`, `_window_statistics` and smoothing
+recurrence, so a model never sees features computed differently from those it was trained on.
 
 Windows count messages, not cycles: a missed cycle is simply absent from the window.
 A window that is not full yet (the start of a trajectory) uses the values so far; the
@@ -14,19 +16,23 @@ std (population, ddof=0) and the least-squares slope of a single value are 0.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from turbofan_core.telemetry import MEASUREMENTS
+from turbofan_core.regimes import OperatingRegimes
+from turbofan_core.telemetry import MEASUREMENTS, OPERATIONAL_SETTINGS, SENSORS
 
 if TYPE_CHECKING:  # pandas is the batch engine's: the edge, which streams, does without it
     import pandas as pd
 
 CYCLE = "CycleTime"
 STATISTICS: tuple[str, ...] = ("mean", "std", "slope", "min", "max")
+# A sensor carries signal when its standardised values correlate with the (capped) RUL of the
+# training rows at least this much: on FD001 that keeps the 14 sensors below, on FD002 16.
+MIN_SIGNAL_CORRELATION = 0.2
 # The sensors that vary in FD001; the other seven are constant there and carry no signal.
 FD001_SENSORS: tuple[str, ...] = tuple(
     f"Sensor{i}" for i in (2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21)
@@ -51,13 +57,18 @@ def _ewm_name(sensor: str, alpha: float) -> str:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What to compute from a trajectory; stored in model bundles so scoring matches training."""
+    """What to compute from a trajectory; stored in model bundles so scoring matches training.
+
+    With `regimes`, each sensor is first standardised within the operating regime its message's
+    operational settings fall in; without (bundles from before regimes), raw values are used.
+    """
 
     sensors: tuple[str, ...]
     windows: tuple[int, ...] = ()
     statistics: tuple[str, ...] = ()
     ewm_alphas: tuple[float, ...] = ()
     include_cycle: bool = False
+    regimes: OperatingRegimes | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but store tuples so the spec stays hashable.
@@ -94,6 +105,16 @@ class FeatureSpec:
             repeated = _duplicates(getattr(self, name))
             if repeated:
                 raise ValueError(f"{name} repeats {repeated}")
+        if self.regimes is not None and (
+            self.regimes.sensors != self.sensors or self.regimes.settings != OPERATIONAL_SETTINGS
+        ):
+            raise ValueError("regimes must standardise the spec's sensors, from the operational settings")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The measurements a message must give: the sensors, after the operational settings when
+        regimes standardise them."""
+        return self.sensors if self.regimes is None else (*OPERATIONAL_SETTINGS, *self.sensors)
 
     @property
     def max_window(self) -> int:
@@ -111,24 +132,37 @@ class FeatureSpec:
         return tuple(names)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types, for the model bundle."""
-        return {
+        """Plain JSON types, for the model bundle (a spec without regimes as before they existed)."""
+        data: dict[str, Any] = {
             "sensors": list(self.sensors),
             "windows": list(self.windows),
             "statistics": list(self.statistics),
             "ewm_alphas": list(self.ewm_alphas),
             "include_cycle": self.include_cycle,
         }
+        if self.regimes is not None:
+            data["regimes"] = self.regimes.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
         """Inverse of `to_dict`; refuses unknown keys so a newer bundle is not misread."""
-        unknown = sorted(set(data) - {"sensors", "windows", "statistics", "ewm_alphas", "include_cycle"})
+        known = {"sensors", "windows", "statistics", "ewm_alphas", "include_cycle", "regimes"}
+        unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown feature spec key(s) {unknown}")
         if "sensors" not in data:
             raise ValueError("feature spec has no 'sensors'")
-        return cls(**data)
+        regimes = data.get("regimes")
+        return cls(**{**data, "regimes": None if regimes is None else OperatingRegimes.from_dict(regimes)})
+
+    def sensor_values(self, inputs: np.ndarray) -> np.ndarray:
+        """What the windows see of messages (rows of `inputs` values): the sensor values
+        standardised within their regime, or as they are without regimes."""
+        if self.regimes is None:
+            return inputs
+        settings = len(OPERATIONAL_SETTINGS)
+        return self.regimes.standardise(inputs[:, :settings], inputs[:, settings:])
 
 
 # Chosen by 5-fold grouped cross-validation on FD001 train (XGBoost, RUL capped at 125):
@@ -142,6 +176,38 @@ DEFAULT_SPEC = FeatureSpec(
     ewm_alphas=(0.02, 0.1),
     include_cycle=True,
 )
+
+
+def fit_spec(frame: pd.DataFrame, target: str, template: FeatureSpec = DEFAULT_SPEC) -> FeatureSpec:
+    """The template's windows, statistics and smoothing over the sensors that carry signal in
+    `frame`, standardised within the operating regimes found in its operational settings.
+
+    `frame` holds training rows only (every measurement and the `target`): nothing else is seen,
+    so the test fleet cannot leak into what is learnt. Of all the sensors, those kept are the ones
+    whose standardised values correlate with the target at |r| >= MIN_SIGNAL_CORRELATION.
+    """
+    settings = frame[list(OPERATIONAL_SETTINGS)].to_numpy(dtype=np.float64)
+    values = frame[list(SENSORS)].to_numpy(dtype=np.float64)
+    if not (np.isfinite(settings).all() and np.isfinite(values).all()):
+        raise ValueError("measurements must be finite to fit the feature spec")
+    regimes = OperatingRegimes.fit(settings, values, OPERATIONAL_SETTINGS, SENSORS)
+    standardised = regimes.standardise(settings, values)
+    target_values = frame[target].to_numpy(dtype=np.float64)
+    kept = [
+        sensor
+        for i, sensor in enumerate(SENSORS)
+        if _correlation(standardised[:, i], target_values) >= MIN_SIGNAL_CORRELATION
+    ]
+    if not kept:
+        raise ValueError(f"no sensor correlates with {target} at |r| >= {MIN_SIGNAL_CORRELATION}")
+    return replace(template, sensors=tuple(kept), regimes=regimes.only(kept))
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """|Pearson r|, 0 for a constant (a sensor standardised to 0 keeps rounding noise only)."""
+    if x.std() < 1e-6 or y.std() == 0:
+        return 0.0
+    return float(abs(np.corrcoef(x, y)[0, 1]))
 
 
 def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -221,7 +287,7 @@ def compute_features(
     import pandas as pd
 
     keys = list(keys)
-    missing = [c for c in (*keys, CYCLE, *spec.sensors) if c not in frame.columns]
+    missing = [c for c in (*keys, CYCLE, *spec.inputs) if c not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks column(s) {missing}")
     ordered = frame.sort_values([*keys, CYCLE], kind="stable").reset_index(drop=True)
@@ -229,9 +295,10 @@ def compute_features(
     cycle = ordered[CYCLE].to_numpy()
     if np.any(~start[1:] & (cycle[1:] == cycle[:-1])):
         raise ValueError("a trajectory repeats a CycleTime; deduplicate the telemetry first")
-    values = ordered[list(spec.sensors)].to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
+    inputs = ordered[list(spec.inputs)].to_numpy(dtype=np.float64)
+    if not np.isfinite(inputs).all():
         raise ValueError("sensor values must be finite (NaN or infinity would spread through windows)")
+    values = spec.sensor_values(inputs)
 
     rows = len(ordered)
     # Column-major, as pandas stores a float block, so the frame is built without a copy.
@@ -313,17 +380,17 @@ class StreamingFeatures:
     def update(self, device_id: str, cycle: int, values: Mapping[str, float] | Sequence[float]) -> np.ndarray:
         """Take one message and return its feature vector in `feature_names` order.
 
-        `values` is a mapping holding at least the spec's sensors, or a sequence in
-        `spec.sensors` order. A cycle not greater than the device's last one starts a
+        `values` is a mapping holding at least the spec's inputs, or a sequence in
+        `spec.inputs` order. A cycle not greater than the device's last one starts a
         new engine lifetime (CycleTime restarts at 1 after a failure), so state resets.
         """
         spec = self.spec
         if isinstance(values, Mapping):
-            x = np.array([values[s] for s in spec.sensors], dtype=np.float64)
+            x = np.array([values[s] for s in spec.inputs], dtype=np.float64)
         else:
             x = np.asarray(values, dtype=np.float64)
-            if x.shape != (len(spec.sensors),):
-                raise ValueError(f"expected {len(spec.sensors)} values in spec.sensors order, got {x.shape}")
+            if x.shape != (len(spec.inputs),):
+                raise ValueError(f"expected {len(spec.inputs)} values in spec.inputs order, got {x.shape}")
         return self.update_many([device_id], [cycle], x[None, :])[0]
 
     def update_many(self, device_ids: Sequence[str], cycles: Sequence[int], values: np.ndarray) -> np.ndarray:
@@ -337,10 +404,11 @@ class StreamingFeatures:
             raise ValueError("update_many takes each device at most once; split repeats into rounds")
         x = np.asarray(values, dtype=np.float64)
         spec = self.spec
-        if x.shape != (len(device_ids), len(spec.sensors)):
-            raise ValueError(f"expected ({len(device_ids)}, {len(spec.sensors)}) values, got {x.shape}")
+        if x.shape != (len(device_ids), len(spec.inputs)):
+            raise ValueError(f"expected ({len(device_ids)}, {len(spec.inputs)}) values, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("sensor values must be finite")
+        x = spec.sensor_values(x)
         states = []
         for device_id, cycle, row in zip(device_ids, cycles, x, strict=True):
             state = self._states.get(device_id)

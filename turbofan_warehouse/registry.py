@@ -78,8 +78,13 @@ CREATE TABLE IF NOT EXISTS evaluation_errors (
     p90 DOUBLE NOT NULL,
     error DOUBLE NOT NULL,
     in_interval BOOLEAN NOT NULL,
-    phm08 DOUBLE NOT NULL
+    phm08 DOUBLE NOT NULL,
+    regime INTEGER,             -- the operating regime of the engine's last cycle
+    rul_band VARCHAR            -- where its capped true RUL lies, e.g. 25-49
 );
+-- Registries made before evaluations were split by regime and RUL band: their rows keep NULLs.
+ALTER TABLE evaluation_errors ADD COLUMN IF NOT EXISTS regime INTEGER;
+ALTER TABLE evaluation_errors ADD COLUMN IF NOT EXISTS rul_band VARCHAR;
 """
 
 

@@ -9,8 +9,6 @@ from turbofan_core.telemetry import MEASUREMENTS
 from turbofan_warehouse.schema import ensure_schema
 
 GROUP = "preparation"
-TEST_FILE = "test_FD001.txt"
-TRUE_RUL_FILE = "RUL_FD001.txt"
 
 
 class LabelConfig(Config):
@@ -49,14 +47,24 @@ def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: W
     )
 
 
+class ReferenceFleetConfig(Config):
+    """Which C-MAPSS test engines to evaluate on: file names in the C-MAPSS folder, or paths."""
+
+    test_file: str = "test_FD001.txt"
+    """The test engines, each cut before failure."""
+    rul_file: str = "RUL_FD001.txt"
+    """Their true RUL after the last cycle, one line per test engine."""
+
+
 @asset(group_name=GROUP, pool=WAREHOUSE_POOL, automation_condition=AutomationCondition.eager())
-def reference_test_fleet(cmapss: CmapssFiles, warehouse: Warehouse):
-    """NASA's FD001 test engines with their true RUL at every cycle: the benchmark, never training data.
+def reference_test_fleet(config: ReferenceFleetConfig, cmapss: CmapssFiles, warehouse: Warehouse):
+    """NASA's test engines (FD001 unless configured) with their true RUL at every cycle: the
+    benchmark, never training data.
 
     Engines are keyed like devices (`Test_001`, lifetime 1) so the same feature code applies.
     """
-    fleet = cmapss.trajectories(TEST_FILE)
-    true_end = cmapss.true_rul(TRUE_RUL_FILE)
+    fleet = cmapss.trajectories(config.test_file)
+    true_end = cmapss.true_rul(config.rul_file)
     last_cycle = fleet.groupby("unit")["CycleTime"].transform("max")
     fleet["rul"] = (fleet["unit"].map(true_end) + last_cycle - fleet["CycleTime"]).astype(np.int64)
     fleet["is_last_cycle"] = fleet["CycleTime"] == last_cycle
@@ -68,5 +76,10 @@ def reference_test_fleet(cmapss: CmapssFiles, warehouse: Warehouse):
         conn.execute("CREATE OR REPLACE TABLE reference_test_fleet AS SELECT * FROM fleet")
         conn.unregister("fleet")
     return MaterializeResult(
-        metadata={"dagster/row_count": len(table), "engines": int(fleet["unit"].nunique())}
+        metadata={
+            "dagster/row_count": len(table),
+            "engines": int(fleet["unit"].nunique()),
+            "test_file": config.test_file,
+            "rul_file": config.rul_file,
+        }
     )

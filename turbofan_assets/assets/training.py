@@ -4,6 +4,7 @@ Nothing in this module reads the NASA test fleet: models are chosen and promoted
 cross-validation over training trajectories only. The test fleet is `model_evaluation`'s.
 """
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -23,13 +24,16 @@ from dagster import (
 from turbofan_assets.resources import WAREHOUSE_POOL, FileStore, Warehouse
 from turbofan_core import training
 from turbofan_core.bundle import BundleError, ModelBundle, quantile_column, read_bundle, write_bundle
-from turbofan_core.features import CYCLE, DEFAULT_SPEC, FeatureSpec, compute_features
+from turbofan_core.features import CYCLE, FeatureSpec, compute_features, fit_spec
 from turbofan_core.storage import ObjectStore
+from turbofan_core.telemetry import MEASUREMENTS
 from turbofan_warehouse import registry
+from turbofan_warehouse.schema import has_table
 
 FEATURES_GROUP = "preparation"
 GROUP = "training"
 TABLE = "training_features"
+SPEC_TABLE = "training_feature_spec"  # the spec fitted with the features, written with them
 KEYS = list(training.KEYS)
 
 
@@ -48,15 +52,20 @@ class TrainingConfig(Config):
     """Fits run side by side, one core each (folds and grid entries are independent)."""
 
 
-def labelled_features(conn: duckdb.DuckDBPyConnection, spec: FeatureSpec) -> pd.DataFrame:
-    """Features of every labelled cycle, with its RUL, ordered by trajectory and cycle."""
-    sensors = ", ".join(f"t.{sensor}" for sensor in spec.sensors)
-    frame = conn.execute(
-        f"SELECT t.device_id, t.lifetime, t.CycleTime, {sensors}, l.rul FROM telemetry t "
-        "JOIN rul_labels l USING (device_id, lifetime, CycleTime)"
+def labelled_rows(conn: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Every labelled cycle's measurements and RUL, ordered by trajectory and cycle (so whatever is
+    fitted on them comes out the same for the same data)."""
+    measurements = ", ".join(f"t.{name}" for name in MEASUREMENTS)
+    return conn.execute(
+        f"SELECT t.device_id, t.lifetime, t.CycleTime, {measurements}, l.rul FROM telemetry t "
+        "JOIN rul_labels l USING (device_id, lifetime, CycleTime) ORDER BY device_id, lifetime, CycleTime"
     ).df()
-    features = compute_features(frame, spec, KEYS)
-    labels = frame[[*KEYS, CYCLE, training.TARGET]]
+
+
+def labelled_features(rows: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """Features of labelled rows (`labelled_rows`), with their RUL, ordered by trajectory and cycle."""
+    features = compute_features(rows, spec, KEYS)
+    labels = rows[[*KEYS, CYCLE, training.TARGET]]
     return features.merge(labels, on=[*KEYS, CYCLE], how="left", validate="1:1")
 
 
@@ -71,32 +80,57 @@ def _markdown(frame: pd.DataFrame) -> MetadataValue:
     automation_condition=AutomationCondition.eager(),
 )
 def training_features(warehouse: Warehouse):
-    """The feature matrix models train on: the shared feature spec over every labelled cycle.
+    """The feature matrix models train on, and the feature spec fitted on the same labelled cycles.
 
-    Computed by the same batch engine, from the same spec, that the bundle carries to
-    the edge, so training and scoring see identical features.
+    The spec's operating regimes (found in the operational settings), each sensor's
+    standardisation within its regime and the sensors that carry signal are learnt here, from
+    training rows only; its windows and smoothing are the shared default. The features are
+    computed by the same batch engine, from the same spec, that the bundle carries to the edge,
+    so training and scoring see identical features. Both tables are written in one transaction.
     """
     with warehouse.get_connection() as conn:
-        frame = labelled_features(conn, DEFAULT_SPEC)
+        rows = labelled_rows(conn)
+        # Nothing labelled yet (no engine failed): nothing to fit, and empty tables.
+        spec = fit_spec(rows, training.TARGET) if len(rows) else None
+        frame = rows[[*KEYS, CYCLE, training.TARGET]] if spec is None else labelled_features(rows, spec)
         conn.register("new_features", frame)
+        conn.execute("BEGIN TRANSACTION")
         conn.execute(f"CREATE OR REPLACE TABLE {TABLE} AS SELECT * FROM new_features")
+        conn.execute(f"CREATE OR REPLACE TABLE {SPEC_TABLE} (spec VARCHAR NOT NULL)")
+        if spec is not None:
+            conn.execute(f"INSERT INTO {SPEC_TABLE} VALUES (?)", [json.dumps(spec.to_dict())])
+        conn.execute("COMMIT")
         conn.unregister("new_features")
+    spec_metadata = (
+        {
+            "features": len(spec.feature_names),
+            "sensors": MetadataValue.text(", ".join(spec.sensors)),
+            "operating_regimes": spec.regimes.count,
+            "feature_spec": MetadataValue.json(spec.to_dict()),
+        }
+        if spec is not None
+        else {}
+    )
     return MaterializeResult(
         metadata={
             "dagster/row_count": len(frame),
             "trajectories": int(frame[KEYS].drop_duplicates().shape[0]),
-            "features": len(DEFAULT_SPEC.feature_names),
-            "feature_spec": MetadataValue.json(DEFAULT_SPEC.to_dict()),
+            **spec_metadata,
         }
     )
 
 
-def _load_training_set(conn: duckdb.DuckDBPyConnection, spec: FeatureSpec) -> pd.DataFrame:
+def _load_training_set(conn: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, FeatureSpec]:
+    """The features and the spec they were computed with (written together by training_features)."""
+    stored = conn.execute(f"SELECT spec FROM {SPEC_TABLE}").fetchall() if has_table(conn, SPEC_TABLE) else []
+    if not stored:
+        raise Failure(f"no labelled trajectories in {TABLE} yet: an engine must report its failure first")
+    spec = FeatureSpec.from_dict(json.loads(stored[0][0]))
     frame = conn.execute(f"SELECT * FROM {TABLE} ORDER BY device_id, lifetime, CycleTime").df()
     missing = sorted(set(spec.feature_names) - set(frame.columns))
     if missing:
         raise Failure(f"{TABLE} lacks features {missing[:5]}...: re-materialise training_features")
-    return frame
+    return frame, spec
 
 
 def _watermark(conn: duckdb.DuckDBPyConnection, frame: pd.DataFrame, fingerprint: str) -> dict:
@@ -140,9 +174,8 @@ def model_candidates(
     store and registered as a candidate. The test fleet plays no part. Its value is the
     registered version, which the gate and the evaluation take as their input.
     """
-    spec = DEFAULT_SPEC
     with warehouse.get_connection() as conn:
-        frame = _load_training_set(conn, spec)
+        frame, spec = _load_training_set(conn)
         trajectories = frame[KEYS].drop_duplicates().shape[0]
         if trajectories < 2:
             raise Failure(f"{trajectories} labelled trajectories: at least 2 are needed to cross-validate")
@@ -265,7 +298,7 @@ def _champion_score(
     if all(getattr(champion, key) == getattr(candidate, key) for key in fold_identity):
         return champion.cv_rmse, "same training data and folds"
     spec = FeatureSpec.from_dict(champion.feature_spec)
-    frame = labelled_features(conn, spec)
+    frame = labelled_features(labelled_rows(conn), spec)
     folds = training.trajectory_folds(frame, candidate.cv_folds, candidate.cv_seed)
     X, y = training.design_matrix(frame, spec.feature_names)
     [rescored] = training.cross_validate_xgb(X, y, folds, [champion.params], seed=candidate.cv_seed)

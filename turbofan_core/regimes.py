@@ -1,0 +1,187 @@
+"""Operating regimes: the flight conditions a fleet flies in, learnt from the operational settings.
+
+A sensor's value says as much about where an engine flies (altitude, Mach number, throttle) as
+about its wear: in C-MAPSS FD002 the six operating conditions move most sensors far more than
+degradation does. `OperatingRegimes` finds the conditions in the three operational settings of
+the training data and standardises each sensor within its condition, so what remains is wear.
+
+The number of regimes comes from the data: the fewest k-means clusters whose centres explain all
+but `UNEXPLAINED` of the settings' variance (an operating point is a tight cluster: its noise is
+tiny beside the distance to the next one). A fleet flying one condition (FD001) gets one regime,
+where standardising is an affine map per sensor. A message whose settings lie farther than
+`FAR_SIGMAS` (training spreads) from every regime's centre is flagged, and standardised with the
+nearest regime all the same.
+
+Everything is plain floats, so a model bundle carries it as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+MAX_REGIMES = 10
+UNEXPLAINED = 1e-3  # share of the settings' variance the regimes' centres may leave unexplained
+FAR_SIGMAS = 8.0  # training spreads (per setting) beyond which a message is far from a regime
+# A setting's spread within a regime is never taken below this share of its centre (at least 1):
+# a setting that is constant in training (FD001's throttle) still tolerates rounding.
+SPREAD_FLOOR = 1e-3
+_RESTARTS = 4
+_ITERATIONS = 100
+
+
+def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's k-means from a k-means++ start: (centres, labels, within-cluster sum of squares)."""
+    centres = points[[int(rng.integers(len(points)))]]
+    while len(centres) < k:
+        distance = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).min(axis=1)
+        if distance.sum() == 0:
+            break  # fewer distinct points than k
+        centres = np.vstack([centres, points[rng.choice(len(points), p=distance / distance.sum())]])
+    for _ in range(_ITERATIONS):
+        labels = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        moved = np.array([points[labels == j].mean(axis=0) for j in range(len(centres))])
+        if np.array_equal(moved, centres):
+            break
+        centres = moved
+    labels = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+    return centres, labels, float(((points - centres[labels]) ** 2).sum())
+
+
+def find_regimes(settings: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each row's regime (0..k-1, numbered by their centres in settings order), k found from the data."""
+    scale = settings.std(axis=0)
+    points = (settings - settings.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+    total = float((points**2).sum())
+    labels = np.zeros(len(points), dtype=np.intp)
+    if total > 0:
+        rng = np.random.default_rng(seed)
+        for k in range(2, MAX_REGIMES + 1):
+            _, labels, within = min(
+                (_kmeans(points, k, rng) for _ in range(_RESTARTS)), key=lambda fit: fit[2]
+            )
+            if within <= UNEXPLAINED * total:
+                break
+        else:
+            labels = np.zeros(len(points), dtype=np.intp)  # no small k explains them: one regime, noisy
+    centres = np.array([settings[labels == j].mean(axis=0) for j in np.unique(labels)])
+    order = np.lexsort(centres.T[::-1])  # stable numbering: by the first setting, then the next
+    return np.argsort(order)[np.searchsorted(np.unique(labels), labels)]
+
+
+@dataclass(frozen=True)
+class OperatingRegimes:
+    """Regime centres and spreads in the operational settings, and each sensor's mean and standard
+    deviation within each regime (rows: regimes; columns: `settings`, then `sensors`)."""
+
+    settings: tuple[str, ...]
+    sensors: tuple[str, ...]
+    centres: tuple[tuple[float, ...], ...]
+    spreads: tuple[tuple[float, ...], ...]
+    means: tuple[tuple[float, ...], ...]
+    scales: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        for name in ("settings", "sensors"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        regimes = len(self.centres)
+        for name, width in (
+            ("centres", len(self.settings)),
+            ("spreads", len(self.settings)),
+            ("means", len(self.sensors)),
+            ("scales", len(self.sensors)),
+        ):
+            rows = tuple(tuple(float(v) for v in row) for row in getattr(self, name))
+            if len(rows) != regimes or any(len(row) != width for row in rows):
+                raise ValueError(f"regimes: {name} must be {regimes} rows of {width} values")
+            if not np.isfinite(rows).all():
+                raise ValueError(f"regimes: {name} must be finite")
+            object.__setattr__(self, name, rows)
+        if regimes < 1:
+            raise ValueError("regimes: at least one regime")
+        if any(v <= 0 for row in (*self.spreads, *self.scales) for v in row):
+            raise ValueError("regimes: spreads and scales must be positive")
+
+    @classmethod
+    def fit(
+        cls, settings: np.ndarray, values: np.ndarray, setting_names: Sequence[str], sensors: Sequence[str]
+    ) -> OperatingRegimes:
+        """Regimes of training rows (`settings`, `values` in `sensors` order): only these rows count."""
+        clusters = find_regimes(settings)
+        regimes = range(int(clusters.max()) + 1)
+        centres = np.array([settings[clusters == j].mean(axis=0) for j in regimes])
+        floor = SPREAD_FLOOR * np.maximum(np.abs(centres), 1.0)
+        spreads = np.maximum(np.array([settings[clusters == j].std(axis=0) for j in regimes]), floor)
+        # Sensor statistics by the assignment scoring uses, so a training row is standardised alike.
+        placed = cls(
+            tuple(setting_names),
+            (),
+            *(tuple(map(tuple, a.tolist())) for a in (centres, spreads)),
+            ((),) * len(regimes),
+            ((),) * len(regimes),
+        )
+        labels, _ = placed.assign(settings)
+        means = np.array([values[labels == j].mean(axis=0) for j in regimes])
+        deviations = np.array([values[labels == j].std(axis=0) for j in regimes])
+        # A sensor constant within a regime has nothing to standardise: it becomes 0 there.
+        tiny = deviations <= 1e-12 * np.maximum(np.abs(means), 1.0)
+        scales = np.where(tiny, 1.0, deviations)
+        return cls(
+            tuple(setting_names),
+            tuple(sensors),
+            *(tuple(map(tuple, a.tolist())) for a in (centres, spreads, means, scales)),
+        )
+
+    def only(self, sensors: Sequence[str]) -> OperatingRegimes:
+        """The same regimes, standardising `sensors` only (in that order)."""
+        columns = [self.sensors.index(sensor) for sensor in sensors]
+
+        def pick(rows: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+            return tuple(tuple(row[i] for i in columns) for row in rows)
+
+        return OperatingRegimes(
+            self.settings, tuple(sensors), self.centres, self.spreads, pick(self.means), pick(self.scales)
+        )
+
+    @property
+    def count(self) -> int:
+        return len(self.centres)
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.array(rows) for rows in (self.centres, self.spreads, self.means, self.scales))
+
+    def assign(self, settings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's nearest regime (in training spreads) and whether it is far from every regime."""
+        centres, spreads, _, _ = self._arrays
+        z = np.abs(np.asarray(settings, dtype=np.float64)[:, None, :] - centres[None]) / spreads[None]
+        worst = z.max(axis=2)  # (rows, regimes): the farthest setting decides
+        nearest = worst.argmin(axis=1)
+        return nearest, worst[np.arange(len(nearest)), nearest] > FAR_SIGMAS
+
+    def standardise(self, settings: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Sensor values (rows, `sensors`) standardised within each row's nearest regime."""
+        regime, _ = self.assign(settings)
+        _, _, means, scales = self._arrays
+        return (np.asarray(values, dtype=np.float64) - means[regime]) / scales[regime]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": list(self.settings),
+            "sensors": list(self.sensors),
+            **{name: [list(row) for row in getattr(self, name)] for name in _ROWS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OperatingRegimes:
+        keys = {"settings", "sensors", *_ROWS}
+        if set(data) != keys:
+            raise ValueError(f"regimes need exactly the keys {sorted(keys)}, got {sorted(data)}")
+        return cls(**data)
+
+
+_ROWS = ("centres", "spreads", "means", "scales")
