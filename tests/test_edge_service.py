@@ -29,7 +29,7 @@ from edge_module.auth import DeviceRegistry, make_sas_token
 from turbofan_core.bundle import ModelBundle, write_bundle
 from turbofan_core.cmapss import read_cmapss
 from turbofan_core.deployment_manifest import DEFAULT_IMAGE, ManifestSettings, build
-from turbofan_core.features import FeatureSpec
+from turbofan_core.features import FeatureSpec, fit_spec
 from turbofan_core.storage import LocalStore, blob_store_from_connection_string
 from turbofan_core.telemetry import FIELDS
 from turbofan_warehouse.ingest import ingest_new_files
@@ -491,3 +491,48 @@ def test_a_bundle_in_a_private_blob_container_is_fetched_with_the_storage_settin
         assert edge.call("GET", "/model")[1]["source"] == url
     finally:
         edge.stop(signal.SIGTERM)
+
+
+def test_a_model_with_operating_regimes_scores_fd002_like_the_batch_model_and_flags_far_settings(
+    tmp_path: Path, cmapss_fd002_dir: Path
+) -> None:
+    """The edge scores with whatever the bundle holds: here regimes fitted on FD002's six conditions."""
+    train = read_cmapss(cmapss_fd002_dir / "train_FD002.txt")
+    train = train[train["unit"] <= 12].assign(
+        device_id=lambda f: f["unit"].map("Client_{:03d}".format), lifetime=1
+    )
+    rows = train.assign(
+        rul=(train.groupby("unit")["CycleTime"].transform("max") - train["CycleTime"]).clip(upper=125)
+    )
+    bundle = make_bundle(train, spec=fit_spec(rows, "rul"))
+    store = LocalStore(tmp_path / "models")
+    path = store.root / write_bundle(store, bundle)
+    state = tmp_path / "state"
+    state.mkdir()
+    registry = DeviceRegistry.load(state / "devices.json")
+    for device in DEVICES[:3]:
+        registry.create(device)
+    edge = start_edge(state, tmp_path / "landing", ("1", path, bundle.sha256))
+    try:
+        test = read_cmapss(cmapss_fd002_dir / "test_FD002.txt")
+        test = test[test["unit"] <= 3].assign(
+            device_id=lambda f: f["unit"].map("Test_{:03d}".format), lifetime=1
+        )
+        want = expected(bundle, test)
+        for device, frame in test.groupby("device_id"):
+            status, results = edge.send(
+                device, [{"body": b, "messageId": f"{device}-{b['CycleTime']}"} for b in bodies(frame)]
+            )
+            assert status == 200 and {r["status"] for r in results} == {"scored"}
+            assert_scored_like(results, device, want)
+            assert all(r["operating_regime"]["known"] for r in results)
+            last = bodies(frame)[-1]
+
+        # At an altitude no engine of the fleet flew: scored all the same, flagged and counted.
+        far_off = {**last, "CycleTime": last["CycleTime"] + 1, "OperationalSetting1": 60.0}
+        status, result = edge.send(device, far_off)
+        assert (status, result["status"], result["operating_regime"]["known"]) == (200, "scored", False)
+        with urllib.request.urlopen(edge.url + "/metrics", timeout=10) as response:
+            assert "edge_unknown_operating_regime_total 1.0" in response.read().decode()
+    finally:
+        edge.stop()

@@ -178,13 +178,18 @@ DEFAULT_SPEC = FeatureSpec(
 )
 
 
+class NoSignal(ValueError):
+    """No sensor of the training rows carries signal: there is nothing to learn from them yet."""
+
+
 def fit_spec(frame: pd.DataFrame, target: str, template: FeatureSpec = DEFAULT_SPEC) -> FeatureSpec:
     """The template's windows, statistics and smoothing over the sensors that carry signal in
     `frame`, standardised within the operating regimes found in its operational settings.
 
     `frame` holds training rows only (every measurement and the `target`): nothing else is seen,
     so the test fleet cannot leak into what is learnt. Of all the sensors, those kept are the ones
-    whose standardised values correlate with the target at |r| >= MIN_SIGNAL_CORRELATION.
+    whose standardised values correlate with the target at |r| >= MIN_SIGNAL_CORRELATION
+    (NoSignal when none does).
     """
     settings = frame[list(OPERATIONAL_SETTINGS)].to_numpy(dtype=np.float64)
     values = frame[list(SENSORS)].to_numpy(dtype=np.float64)
@@ -199,7 +204,7 @@ def fit_spec(frame: pd.DataFrame, target: str, template: FeatureSpec = DEFAULT_S
         if _correlation(standardised[:, i], target_values) >= MIN_SIGNAL_CORRELATION
     ]
     if not kept:
-        raise ValueError(f"no sensor correlates with {target} at |r| >= {MIN_SIGNAL_CORRELATION}")
+        raise NoSignal(f"no sensor's values correlate with {target} at |r| >= {MIN_SIGNAL_CORRELATION}")
     return replace(template, sensors=tuple(kept), regimes=regimes.only(kept))
 
 

@@ -74,7 +74,9 @@ def evaluate(bundle: ModelBundle, fleet: pd.DataFrame) -> tuple[pd.DataFrame, di
 
 
 def _markdown(frame: pd.DataFrame) -> MetadataValue:
-    return MetadataValue.md(frame.to_markdown(index=False, floatfmt=".1f"))
+    """A table for the UI: counts and cycles as integers, errors to one decimal."""
+    formats = [".0f" if pd.api.types.is_integer_dtype(dtype) else ".1f" for dtype in frame.dtypes]
+    return MetadataValue.md(frame.to_markdown(index=False, floatfmt=formats))
 
 
 def rul_band(rul: int) -> str:

@@ -24,7 +24,7 @@ from dagster import (
 from turbofan_assets.resources import WAREHOUSE_POOL, FileStore, Warehouse
 from turbofan_core import training
 from turbofan_core.bundle import BundleError, ModelBundle, quantile_column, read_bundle, write_bundle
-from turbofan_core.features import CYCLE, FeatureSpec, compute_features, fit_spec
+from turbofan_core.features import CYCLE, FeatureSpec, NoSignal, compute_features, fit_spec
 from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import MEASUREMENTS
 from turbofan_warehouse import registry
@@ -90,8 +90,7 @@ def training_features(warehouse: Warehouse):
     """
     with warehouse.get_connection() as conn:
         rows = labelled_rows(conn)
-        # Nothing labelled yet (no engine failed): nothing to fit, and empty tables.
-        spec = fit_spec(rows, training.TARGET) if len(rows) else None
+        spec, unfitted = _fitted(rows)
         frame = rows[[*KEYS, CYCLE, training.TARGET]] if spec is None else labelled_features(rows, spec)
         conn.register("new_features", frame)
         conn.execute("BEGIN TRANSACTION")
@@ -109,7 +108,7 @@ def training_features(warehouse: Warehouse):
             "feature_spec": MetadataValue.json(spec.to_dict()),
         }
         if spec is not None
-        else {}
+        else {"feature_spec": MetadataValue.text(f"none: {unfitted}")}
     )
     return MaterializeResult(
         metadata={
@@ -120,11 +119,25 @@ def training_features(warehouse: Warehouse):
     )
 
 
+def _fitted(rows: pd.DataFrame) -> tuple[FeatureSpec | None, str]:
+    """The spec fitted on the labelled rows, or None and why nothing could be fitted (then the
+    tables are written empty, and training says why it cannot start)."""
+    if not len(rows):
+        return None, "no labelled trajectories yet: an engine must report its failure first"
+    try:
+        return fit_spec(rows, training.TARGET), ""
+    except NoSignal as error:
+        return None, str(error)
+
+
 def _load_training_set(conn: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, FeatureSpec]:
     """The features and the spec they were computed with (written together by training_features)."""
     stored = conn.execute(f"SELECT spec FROM {SPEC_TABLE}").fetchall() if has_table(conn, SPEC_TABLE) else []
     if not stored:
-        raise Failure(f"no labelled trajectories in {TABLE} yet: an engine must report its failure first")
+        raise Failure(
+            "training_features holds no feature spec: no labelled trajectories yet, or no sensor "
+            "carries signal in them (see its latest materialisation)"
+        )
     spec = FeatureSpec.from_dict(json.loads(stored[0][0]))
     frame = conn.execute(f"SELECT * FROM {TABLE} ORDER BY device_id, lifetime, CycleTime").df()
     missing = sorted(set(spec.feature_names) - set(frame.columns))
