@@ -209,7 +209,12 @@ def test_training_assets_materialise_end_to_end_on_fd001(
     assert "champion" in listing and candidates["bundle_sha256"][:12] in listing
     assert main(["models", "show", "1"]) == 0
     shown = capsys.readouterr().out
-    assert "model version 1 (champion)" in shown and "max_depth=" in shown and "FD001 test    RMSE" in shown
+    assert (
+        "model version 1 (champion)" in shown
+        and "max_depth=" in shown
+        and "test fleet    RMSE" in shown
+        and "operating regime(s)" in shown
+    )
     assert main(["models", "show", "2"]) == 2
     assert "no model version 2" in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from turbofan_cli import CommandError
+from turbofan_core.features import FeatureSpec
 from turbofan_core.home import Home
 
 if TYPE_CHECKING:
@@ -90,12 +91,12 @@ def run_show(args: argparse.Namespace) -> int:
         f"  gate          {gate}",
         f"  params        {params}",
         f"  RUL cap       {record.rul_cap} cycles",
-        f"  feature spec  {json.dumps(record.feature_spec)}",
+        f"  features      {_spec_summary(FeatureSpec.from_dict(record.feature_spec))}",
         f"  training data {json.dumps(record.data_watermark)}",
         f"  CV            RMSE {record.cv_rmse:.2f} +/- {record.cv_rmse_std:.2f}, MAE {record.cv_mae:.2f} "
         f"({record.cv_folds} trajectory-grouped folds, seed {record.cv_seed}); "
         f"ridge baseline RMSE {record.baseline_cv_rmse:.2f}",
-        "  FD001 test    "
+        "  test fleet    "
         + (
             "not evaluated yet (materialise model_evaluation)"
             if record.test_rmse is None
@@ -107,3 +108,15 @@ def run_show(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _spec_summary(spec: FeatureSpec) -> str:
+    """The feature spec in one line (the whole of it, regime statistics included, is in the bundle)."""
+    regimes = (
+        "raw values" if spec.regimes is None else f"standardised in {spec.regimes.count} operating regime(s)"
+    )
+    windows, alphas = "/".join(map(str, spec.windows)), ", ".join(map(str, spec.ewm_alphas))
+    return (
+        f"{len(spec.feature_names)} from {len(spec.sensors)} sensors ({', '.join(spec.sensors)}), {regimes}; "
+        f"{', '.join(spec.statistics)} over {windows} cycles, smoothing {alphas}"
+    )
