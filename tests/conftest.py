@@ -50,33 +50,31 @@ class AzuriteInfo:
     connection_string: str
 
 
+def _data_folder(variable: str, holds: str, advice: str) -> Path:
+    """The folder env `variable` names; the test fails (never skips) when it lacks `holds`."""
+    raw = os.environ.get(variable, "")
+    path = Path(raw) if raw else None
+    if path is None or not (path / holds).is_file():
+        pytest.fail(
+            f"{variable}={raw!r} has no {holds}. Run `make test`, which sets it, or {advice}", pytrace=False
+        )
+    return path
+
+
 @pytest.fixture(scope="session")
 def cmapss_dir() -> Path:
     """The folder holding NASA C-MAPSS files (train_FD001.txt, ...), from env CMAPSS_DIR."""
-    raw = os.environ.get("CMAPSS_DIR", "")
-    path = Path(raw) if raw else None
-    if path is None or not (path / "train_FD001.txt").is_file():
-        pytest.fail(
-            f"C-MAPSS data not found (CMAPSS_DIR={raw!r} has no train_FD001.txt). Run `make test`, "
-            "which sets CMAPSS_DIR, or get the data with `turbofan data fetch` / "
-            "`turbofan data import DIR` and point CMAPSS_DIR at it.",
-            pytrace=False,
-        )
-    return path
+    return _data_folder(
+        "CMAPSS_DIR",
+        "train_FD001.txt",
+        "get the data with `turbofan data fetch` / `turbofan data import DIR` and point CMAPSS_DIR at it.",
+    )
 
 
 @pytest.fixture(scope="session")
 def cmapss_fd002_dir() -> Path:
     """The leading units of C-MAPSS FD002 (six operating conditions), from env CMAPSS_FD002_DIR."""
-    raw = os.environ.get("CMAPSS_FD002_DIR", "")
-    path = Path(raw) if raw else None
-    if path is None or not (path / "train_FD002.txt").is_file():
-        pytest.fail(
-            f"C-MAPSS FD002 not found (CMAPSS_FD002_DIR={raw!r} has no train_FD002.txt). Run `make test`, "
-            "which sets it from ../shared/data/cmapss-fd002, or point CMAPSS_FD002_DIR at the files.",
-            pytrace=False,
-        )
-    return path
+    return _data_folder("CMAPSS_FD002_DIR", "train_FD002.txt", "point it at ../shared/data/cmapss-fd002.")
 
 
 @pytest.fixture(scope="session")
