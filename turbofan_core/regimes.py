@@ -52,6 +52,14 @@ def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.nd
     return centres, labels, float(((points - centres[labels]) ** 2).sum())
 
 
+def _place(settings: np.ndarray, centres: np.ndarray, spreads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centre, in spreads of its settings, and whether it is beyond FAR_SIGMAS."""
+    z = np.abs(settings[:, None, :] - centres[None]) / spreads[None]
+    worst = z.max(axis=2)  # (rows, regimes): the farthest setting decides
+    nearest = worst.argmin(axis=1)
+    return nearest, worst[np.arange(len(nearest)), nearest] > FAR_SIGMAS
+
+
 def find_regimes(settings: np.ndarray, seed: int = 0) -> np.ndarray:
     """Each row's regime (0..k-1, numbered by their centres in settings order), k found from the data."""
     scale = settings.std(axis=0)
@@ -117,14 +125,7 @@ class OperatingRegimes:
         floor = SPREAD_FLOOR * np.maximum(np.abs(centres), 1.0)
         spreads = np.maximum(np.array([settings[clusters == j].std(axis=0) for j in regimes]), floor)
         # Sensor statistics by the assignment scoring uses, so a training row is standardised alike.
-        placed = cls(
-            tuple(setting_names),
-            (),
-            *(tuple(map(tuple, a.tolist())) for a in (centres, spreads)),
-            ((),) * len(regimes),
-            ((),) * len(regimes),
-        )
-        labels, _ = placed.assign(settings)
+        labels, _ = _place(settings, centres, spreads)
         means = np.array([values[labels == j].mean(axis=0) for j in regimes])
         deviations = np.array([values[labels == j].std(axis=0) for j in regimes])
         # A sensor constant within a regime has nothing to standardise: it becomes 0 there.
@@ -158,10 +159,7 @@ class OperatingRegimes:
     def assign(self, settings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's nearest regime (in training spreads) and whether it is far from every regime."""
         centres, spreads, _, _ = self._arrays
-        z = np.abs(np.asarray(settings, dtype=np.float64)[:, None, :] - centres[None]) / spreads[None]
-        worst = z.max(axis=2)  # (rows, regimes): the farthest setting decides
-        nearest = worst.argmin(axis=1)
-        return nearest, worst[np.arange(len(nearest)), nearest] > FAR_SIGMAS
+        return _place(np.asarray(settings, dtype=np.float64), centres, spreads)
 
     def standardise(self, settings: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Sensor values (rows, `sensors`) standardised within each row's nearest regime."""
