@@ -275,27 +275,26 @@ def compute_features(
     return pd.concat([ordered[[*keys, CYCLE]], pd.DataFrame(features[:, first:], columns=names)], axis=1)
 
 
-class _DeviceState:
-    """The last max_window values (oldest first, zeros before the first) and the smoothed values."""
-
-    __slots__ = ("cycle", "count", "history", "smoothed")
-
-    def __init__(self, max_window: int, sensors: int, alphas: int) -> None:
-        self.cycle = 0
-        self.count = 0
-        self.history = np.zeros((max_window, sensors))
-        self.smoothed = np.zeros((alphas, sensors))
-
-
 class StreamingFeatures:
-    """The edge engine: per-device state, one feature vector per telemetry message."""
+    """The edge engine: per-device state, one feature vector per telemetry message.
+
+    Every device's state lives in a row of shared arrays (its last max_window values, oldest first
+    with zeros before the first, its smoothed values, cycle and count), so that `update_many` moves
+    a whole round of devices with a few numpy calls instead of Python work per device.
+    """
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
         self._stats_columns, self._raw_columns, self._ewm_columns = _layout(spec)
         self._windows = np.array(spec.windows, dtype=np.intp)
         self._alphas = np.array(spec.ewm_alphas)[:, None]
-        self._states: dict[str, _DeviceState] = {}
+        self._rows: dict[str, int] = {}  # device -> its row in the state arrays
+        self._free: list[int] = []  # rows of devices reset since
+        sensors = len(spec.sensors)
+        self._history = np.zeros((0, spec.max_window, sensors))  # a device's values contiguous
+        self._smoothed = np.zeros((0, len(spec.ewm_alphas), sensors))
+        self._cycle = np.zeros(0, dtype=np.int64)
+        self._count = np.zeros(0, dtype=np.int64)  # messages in the lifetime; 0: a row not in use
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -304,11 +303,14 @@ class StreamingFeatures:
     @property
     def devices(self) -> int:
         """How many devices hold state."""
-        return len(self._states)
+        return len(self._rows)
 
     def reset(self, device_id: str) -> None:
         """Forget a device, e.g. after its failure event."""
-        self._states.pop(device_id, None)
+        row = self._rows.pop(device_id, None)
+        if row is not None:
+            self._count[row] = 0
+            self._free.append(row)
 
     def update(self, device_id: str, cycle: int, values: Mapping[str, float] | Sequence[float]) -> np.ndarray:
         """Take one message and return its feature vector in `feature_names` order.
@@ -341,46 +343,64 @@ class StreamingFeatures:
             raise ValueError(f"expected ({len(device_ids)}, {len(spec.sensors)}) values, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("sensor values must be finite")
-        states = []
-        for device_id, cycle, row in zip(device_ids, cycles, x, strict=True):
-            state = self._states.get(device_id)
-            if state is None or cycle <= state.cycle:
-                state = _DeviceState(spec.max_window, len(spec.sensors), len(spec.ewm_alphas))
-                self._states[device_id] = state
-            state.cycle = cycle
-            state.count += 1
-            state.history[:-1] = state.history[1:]
-            state.history[-1] = row
-            if state.count == 1:
-                state.smoothed = np.tile(row, (len(spec.ewm_alphas), 1))
-            else:
-                state.smoothed = self._alphas * row + (1 - self._alphas) * state.smoothed
-            states.append(state)
-        return self._features(states, np.asarray(cycles), x)
+        rows = np.array([self._row(device_id) for device_id in device_ids], dtype=np.intp)
+        cycle = np.array(cycles, dtype=np.int64)
+        fresh = (self._count[rows] == 0) | (cycle <= self._cycle[rows])  # a new lifetime
+        self._cycle[rows] = cycle
+        count = np.where(fresh, 1, self._count[rows] + 1)
+        self._count[rows] = count
+        history = self._history[rows]  # (devices, max_window, sensors), moved on by one:
+        history[:, :-1] = history[:, 1:]
+        history[fresh, :-1] = 0.0
+        history[:, -1] = x
+        self._history[rows] = history
+        if spec.ewm_alphas:
+            smoothed = self._alphas * x[:, None, :] + (1 - self._alphas) * self._smoothed[rows]
+            smoothed[fresh] = x[fresh, None, :]
+            self._smoothed[rows] = smoothed
+        return self._features(history.transpose(1, 0, 2), count, cycle, x, self._smoothed[rows])
 
-    def _features(self, states: list[_DeviceState], cycles: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Feature rows of updated device states."""
+    def _row(self, device_id: str) -> int:
+        """The device's row in the state arrays, given one (the arrays grown) if it has none."""
+        row = self._rows.get(device_id)
+        if row is None:
+            if not self._free:
+                self._grow()
+            row = self._rows[device_id] = self._free.pop()
+        return row
+
+    def _grow(self) -> None:
+        """Double the state arrays (at least 64 rows), the new rows free."""
+        old = len(self._count)
+        extra = max(64, old)
+        self._history = np.concatenate([self._history, np.zeros((extra, *self._history.shape[1:]))])
+        self._smoothed = np.concatenate([self._smoothed, np.zeros((extra, *self._smoothed.shape[1:]))])
+        self._cycle = np.concatenate([self._cycle, np.zeros(extra, dtype=np.int64)])
+        self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
+        self._free.extend(range(old + extra - 1, old - 1, -1))  # popped lowest first
+
+    def _features(
+        self, history: np.ndarray, counts: np.ndarray, cycles: np.ndarray, x: np.ndarray, smoothed: np.ndarray
+    ) -> np.ndarray:
+        """Feature rows of updated devices: `history` (max_window, devices, sensors), `smoothed`
+        (devices, alphas, sensors)."""
         spec = self.spec
-        features = np.empty((len(states), len(self.feature_names)))
+        features = np.empty((len(x), len(self.feature_names)))
         if spec.include_cycle:
             features[:, 0] = cycles
         features[:, self._raw_columns] = x
-        if spec.windows and len(states) == 1:
+        if spec.windows and len(x) == 1:
             # One device: all windows in one call, each seeing the whole history with only its last
             # min(count, w) slots valid (the extra slots add zeros to the sums); fewest numpy calls.
-            history = np.broadcast_to(
-                states[0].history[:, None, :], (spec.max_window, *self._stats_columns.shape[1:])
-            )
-            count = np.minimum(states[0].count, self._windows)
-            features[0, self._stats_columns] = _window_statistics(history, count, spec.statistics)
+            window = np.broadcast_to(history, (spec.max_window, *self._stats_columns.shape[1:]))
+            count = np.minimum(counts[0], self._windows)
+            features[0, self._stats_columns] = _window_statistics(window, count, spec.statistics)
         elif spec.windows:
             # Many devices: one window at a time over its own last w slots (zeros before the first
             # message), as the batch engine slides it; no copy of the history per window.
-            history = np.stack([state.history for state in states], axis=1)  # (max_window, devices, sensors)
-            counts = np.array([state.count for state in states])
             for j, w in enumerate(spec.windows):
                 statistics = _window_statistics(history[-w:], np.minimum(counts, w), spec.statistics)
                 features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
         if spec.ewm_alphas:
-            features[:, self._ewm_columns] = np.stack([state.smoothed for state in states])
+            features[:, self._ewm_columns] = smoothed
         return features
