@@ -180,8 +180,10 @@ class Edge:
             self.set_model(desired)
 
     def _registry_version(self) -> int | None:
-        path = self.devices.path
-        return path.stat().st_mtime_ns if path.exists() else None
+        try:
+            return self.devices.path.stat().st_mtime_ns  # one system call: this runs on every request
+        except FileNotFoundError:
+            return None
 
     def _current_devices(self) -> DeviceRegistry:
         """The registry, read again whenever its file changed (`turbofan devices create | remove`,

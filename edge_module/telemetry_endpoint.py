@@ -50,7 +50,9 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         authorization = headers.get("authorization")
         every_item_signed = authorization is None and all(item[0] for item in items)
         requester = None if every_item_signed else _device(edge, authorization)
-        incoming = [Incoming(_device(edge, token) if token else requester, *rest) for token, *rest in items]
+        # Each token once: a gateway's batch repeats each device's token for all of its messages.
+        signers = {token: _device(edge, token) for token in dict.fromkeys(item[0] for item in items) if token}
+        incoming = [Incoming(signers[token] if token else requester, *rest) for token, *rest in items]
         try:
             results = edge.receive(incoming, durable=False)
             await edge.store.synced()
