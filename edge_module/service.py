@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Header, HTTPException, Response
 from prometheus_client import (
@@ -139,8 +138,8 @@ class _Checked:
     def scorable(self) -> bool:
         return self.entry is not None and not self.entry.failure
 
-    def score(self, row: np.ndarray, model: LoadedModel) -> None:
-        point, low, high = map(float, row)
+    def score(self, row: list[float], model: LoadedModel) -> None:
+        point, low, high = row
         version = model.reference.version
         self.result |= {
             "status": "scored",
@@ -263,7 +262,7 @@ class Edge:
             elif not failures and self._features.in_order(telemetry):
                 if telemetry:
                     scores = model.bundle.predict_matrix(self._features.features_many(telemetry))
-                    for item, row in zip((c for c in checked if c.scorable), scores, strict=True):
+                    for item, row in zip((c for c in checked if c.scorable), scores.tolist(), strict=True):
                         item.score(row, model)
                 self._record(checked, durable)
             else:
@@ -271,7 +270,8 @@ class Edge:
                     if item.entry is not None and item.entry.failure:
                         self._features.failure(item.entry.device_id)
                     elif item.scorable:
-                        item.score(model.bundle.predict_matrix(self._features.features(item.entry))[0], model)
+                        scores = model.bundle.predict_matrix(self._features.features(item.entry))
+                        item.score(scores[0].tolist(), model)
                     self._record([item], durable)
         for status, count in Tally(item.result["status"] for item in checked).items():
             self.metrics.messages.labels(status).inc(count)
@@ -296,6 +296,7 @@ class Edge:
             [c.properties or None for c in checked],
             [c.content_type for c in checked],
             [c.content_encoding for c in checked],
+            [m.parsed for m in messages],
         )
         seen = self.store.seen_many([(c.device_id, c.message_id) for c in checked])
         for index, item in enumerate(checked):
