@@ -54,8 +54,8 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         # Each token once: a gateway's batch repeats each device's token for all of its messages.
         signers = {token: _device(edge, token) for token in dict.fromkeys(item[0] for item in items) if token}
         incoming = [
-            Incoming(signers[token] if token else requester, body, properties, message_id, parsed=parsed)
-            for token, body, properties, message_id, parsed in items
+            Incoming(signers[token] if token else requester, raw, properties, message_id, parsed=parsed)
+            for token, raw, properties, message_id, parsed in items
         ]
         try:
             results = edge.receive(incoming, durable=False)
