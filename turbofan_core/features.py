@@ -174,7 +174,7 @@ def _window_statistics(window: np.ndarray, count: np.ndarray, statistics: tuple[
     weight = valid.astype(np.float64)
     out = np.empty((len(statistics), *window.shape[1:]))
     if {"mean", "std", "slope"} & set(statistics):
-        mean = np.einsum("wr,wrs->rs", weight, window) / n
+        mean = _weighted_sums(weight, window) / n
         centred = window - mean
     for i, stat in enumerate(statistics):
         if stat == "mean":
@@ -184,7 +184,7 @@ def _window_statistics(window: np.ndarray, count: np.ndarray, statistics: tuple[
         elif stat == "slope":
             # Position in the window minus the mean position of the last n slots (0 elsewhere).
             position = (np.arange(w)[:, None] - (w - 1) + (n[:, 0] - 1) / 2) * weight  # (w, rows)
-            numerator = np.einsum("wr,wrs->rs", position, centred)
+            numerator = _weighted_sums(position, centred)
             sxx = n * (n * n - 1) / 12  # sum of squared centred positions 0..n-1
             out[i] = np.divide(numerator, sxx, out=np.zeros_like(numerator), where=sxx > 0)
         elif stat == "min":
@@ -192,6 +192,12 @@ def _window_statistics(window: np.ndarray, count: np.ndarray, statistics: tuple[
         else:
             out[i] = np.where(valid[:, :, None], window, -np.inf).max(axis=0)
     return out
+
+
+def _weighted_sums(weights: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """(rows, sensors) sums over w of weights (w, rows) times window (w, rows, sensors): a (1, w) by
+    (w, sensors) matrix product per row, which BLAS does about twice as fast as einsum."""
+    return np.matmul(weights.T[:, None, :], window.transpose(1, 0, 2))[:, 0]
 
 
 def _trajectory_starts(ordered: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
