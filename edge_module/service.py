@@ -66,6 +66,7 @@ from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check
 DESIRED_MODEL = "desired_model.json"  # the last model reference set, so a restart serves it again
 PURGE_SECONDS = 3600.0
 MAX_VERIFIED_TOKENS = 100_000  # remembered verified SAS tokens; forgotten all at once past this
+YOUNG_COLLECTION_THRESHOLD = 20_000  # objects allocated (net) between the collector's young passes
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,10 @@ def create_app(config: EdgeConfig) -> FastAPI:
         # it is left out of the collector's full passes, each of which walked all of it (tens of
         # thousands of objects, tens of ms holding the event loop) every few thousand batch messages.
         gc.freeze()
+        # A batch keeps thousands of young objects alive at once (entries, records, results): at the
+        # default threshold of 700 the collector ran every ~60 messages (in-process, 500-message
+        # batches: 548 young collections over 30,000 messages, 36 ms); at this one, none.
+        gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
         yield
         if gateway is not None:
             await gateway.stop()
