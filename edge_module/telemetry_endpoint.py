@@ -111,22 +111,21 @@ def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
     for index, item in enumerate(parsed):
         if not isinstance(item, dict):
             raise Refused(422, f"a batch holds JSON objects (bodies or envelopes); item {index} is not one")
-        if "body" in item:
-            properties, message_id, token = (
-                item.get("properties") or {},
-                item.get("messageId"),
-                item.get("authorization"),
-            )
-            if not isinstance(properties, dict):
-                raise Refused(422, f"item {index}: properties must be a JSON object")
-            for name, value in (("messageId", message_id), ("authorization", token)):
-                if value is not None and not isinstance(value, str):
-                    raise Refused(422, f"item {index}: {name} must be a string")
-            properties = {str(k): str(v) for k, v in properties.items()}
-            inner = item["body"]
-            items.append((token, orjson.dumps(inner), properties, message_id, inner))
-        else:
+        if "body" not in item:
             items.append((None, orjson.dumps(item), {}, None, item))
+            continue
+        properties = item.get("properties") or {}
+        message_id, token = item.get("messageId"), item.get("authorization")
+        if not isinstance(properties, dict):
+            raise Refused(422, f"item {index}: properties must be a JSON object")
+        if message_id is not None and not isinstance(message_id, str):
+            raise Refused(422, f"item {index}: messageId must be a string")
+        if token is not None and not isinstance(token, str):
+            raise Refused(422, f"item {index}: authorization must be a string")
+        if properties:  # most messages have none
+            properties = {str(k): str(v) for k, v in properties.items()}
+        inner = item["body"]
+        items.append((token, orjson.dumps(inner), properties, message_id, inner))
     return items
 
 
