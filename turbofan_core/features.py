@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from turbofan_core import _windows
 from turbofan_core.telemetry import MEASUREMENTS
 
 if TYPE_CHECKING:  # pandas is the batch engine's: the edge, which streams, does without it
@@ -160,44 +161,24 @@ def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def _window_statistics(window: np.ndarray, count: np.ndarray, statistics: tuple[str, ...]) -> np.ndarray:
-    """Statistics (statistics, rows, sensors) of windows (w, rows, sensors) whose last `count` are valid.
+def _window_statistics(
+    window: np.ndarray, w: int, count: np.ndarray, statistics: tuple[str, ...]
+) -> np.ndarray:
+    """Statistics (statistics, rows, sensors) of the last `w` slots of windows (rows, span, sensors),
+    of which the last `count` are valid.
 
-    The single formula both engines use; invalid slots may hold any finite value. std and slope work
-    on values centred on the window mean, which stays accurate for sensors near 9000 with
-    a spread of a few units (E[x^2] - E[x]^2 would not).
+    The single formula both engines use, in C (`_windows.c`: two passes over a window instead of
+    numpy's several and their temporaries); invalid slots may hold any finite value. std and slope
+    work on values centred on the window mean, which stays accurate for sensors near 9000 with a
+    spread of a few units (E[x^2] - E[x]^2 would not).
     """
-    w = window.shape[0]
-    n = count.astype(np.float64)[:, None]  # (rows, 1)
-    valid = np.arange(w)[:, None] >= w - count  # (w, rows)
-    # Sums weighted by 0/1 rather than masked copies: one pass fewer over the window.
-    weight = valid.astype(np.float64)
-    out = np.empty((len(statistics), *window.shape[1:]))
-    if {"mean", "std", "slope"} & set(statistics):
-        mean = _weighted_sums(weight, window) / n
-        centred = window - mean
-    for i, stat in enumerate(statistics):
-        if stat == "mean":
-            out[i] = mean
-        elif stat == "std":
-            out[i] = np.sqrt(np.einsum("wr,wrs,wrs->rs", weight, centred, centred) / n)
-        elif stat == "slope":
-            # Position in the window minus the mean position of the last n slots (0 elsewhere).
-            position = (np.arange(w)[:, None] - (w - 1) + (n[:, 0] - 1) / 2) * weight  # (w, rows)
-            numerator = _weighted_sums(position, centred)
-            sxx = n * (n * n - 1) / 12  # sum of squared centred positions 0..n-1
-            out[i] = np.divide(numerator, sxx, out=np.zeros_like(numerator), where=sxx > 0)
-        elif stat == "min":
-            out[i] = np.where(valid[:, :, None], window, np.inf).min(axis=0)
-        else:
-            out[i] = np.where(valid[:, :, None], window, -np.inf).max(axis=0)
+    window = np.ascontiguousarray(window, dtype=np.float64)
+    rows, span, sensors = window.shape
+    out = np.empty((len(statistics), rows, sensors))
+    codes = bytes(STATISTICS.index(statistic) for statistic in statistics)
+    count = np.ascontiguousarray(count, dtype=np.int64)
+    _windows.statistics(window, rows, span, sensors, w, count, codes, out)
     return out
-
-
-def _weighted_sums(weights: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """(rows, sensors) sums over w of weights (w, rows) times window (w, rows, sensors): a (1, w) by
-    (w, sensors) matrix product per row, which BLAS does about twice as fast as einsum."""
-    return np.matmul(weights.T[:, None, :], window.transpose(1, 0, 2))[:, 0]
 
 
 def _trajectory_starts(ordered: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
@@ -260,7 +241,7 @@ def compute_features(
         for lo in range(0, rows, block_rows):
             hi = min(lo + block_rows, rows)
             view = np.lib.stride_tricks.sliding_window_view(padded[lo + pad - w + 1 : hi + pad], w, axis=0)
-            block = _window_statistics(np.moveaxis(view, -1, 0), count[lo:hi], spec.statistics)
+            block = _window_statistics(np.moveaxis(view, -1, 1), w, count[lo:hi], spec.statistics)
             features[lo:hi, columns] = block.transpose(1, 0, 2).reshape(hi - lo, -1)
 
     if spec.ewm_alphas:
@@ -292,7 +273,6 @@ class StreamingFeatures:
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
         self._stats_columns, self._raw_columns, self._ewm_columns = _layout(spec)
-        self._windows = np.array(spec.windows, dtype=np.intp)
         self._alphas = np.array(spec.ewm_alphas)[:, None]
         self._rows: dict[str, int] = {}  # device -> its row in the state arrays
         self._free: list[int] = []  # rows of devices reset since
@@ -364,7 +344,7 @@ class StreamingFeatures:
             smoothed = self._alphas * x[:, None, :] + (1 - self._alphas) * self._smoothed[rows]
             smoothed[fresh] = x[fresh, None, :]
             self._smoothed[rows] = smoothed
-        return self._features(history.transpose(1, 0, 2), count, cycle, x, self._smoothed[rows])
+        return self._features(history, count, cycle, x, self._smoothed[rows])
 
     def _row(self, device_id: str) -> int:
         """The device's row in the state arrays, given one (the arrays grown) if it has none."""
@@ -388,25 +368,16 @@ class StreamingFeatures:
     def _features(
         self, history: np.ndarray, counts: np.ndarray, cycles: np.ndarray, x: np.ndarray, smoothed: np.ndarray
     ) -> np.ndarray:
-        """Feature rows of updated devices: `history` (max_window, devices, sensors), `smoothed`
+        """Feature rows of updated devices: `history` (devices, max_window, sensors), `smoothed`
         (devices, alphas, sensors)."""
         spec = self.spec
         features = np.empty((len(x), len(self.feature_names)))
         if spec.include_cycle:
             features[:, 0] = cycles
         features[:, self._raw_columns] = x
-        if spec.windows and len(x) == 1:
-            # One device: all windows in one call, each seeing the whole history with only its last
-            # min(count, w) slots valid (the extra slots add zeros to the sums); fewest numpy calls.
-            window = np.broadcast_to(history, (spec.max_window, *self._stats_columns.shape[1:]))
-            count = np.minimum(counts[0], self._windows)
-            features[0, self._stats_columns] = _window_statistics(window, count, spec.statistics)
-        elif spec.windows:
-            # Many devices: one window at a time over its own last w slots (zeros before the first
-            # message), as the batch engine slides it; no copy of the history per window.
-            for j, w in enumerate(spec.windows):
-                statistics = _window_statistics(history[-w:], np.minimum(counts, w), spec.statistics)
-                features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
+        for j, w in enumerate(spec.windows):  # each over its own last w slots, as the batch engine slides it
+            statistics = _window_statistics(history, w, np.minimum(counts, w), spec.statistics)
+            features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
         if spec.ewm_alphas:
             features[:, self._ewm_columns] = smoothed
         return features
