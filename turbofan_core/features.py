@@ -167,10 +167,10 @@ def _window_statistics(
     """Statistics (statistics, rows, sensors) of the last `w` slots of windows (rows, span, sensors),
     of which the last `count` are valid.
 
-    The single formula both engines use, in C (`_windows.c`: two passes over a window instead of
-    numpy's several and their temporaries); invalid slots may hold any finite value. std and slope
-    work on values centred on the window mean, which stays accurate for sensors near 9000 with a
-    spread of a few units (E[x^2] - E[x]^2 would not).
+    The single formula both engines use, in C (`_windows.c`: a pass per sum over a window in cache,
+    instead of numpy's several passes and their temporaries); invalid slots may hold any finite
+    value. std and slope work on values centred on the window mean, which stays accurate for
+    sensors near 9000 with a spread of a few units (E[x^2] - E[x]^2 would not).
     """
     window = np.ascontiguousarray(window, dtype=np.float64)
     rows, span, sensors = window.shape
@@ -329,8 +329,8 @@ class StreamingFeatures:
             raise ValueError(f"expected ({len(device_ids)}, {len(spec.sensors)}) values, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("sensor values must be finite")
-        rows = np.array([self._row(device_id) for device_id in device_ids], dtype=np.intp)
         cycle = np.array(cycles, dtype=np.int64)
+        rows = np.array([self._row(device_id) for device_id in device_ids], dtype=np.intp)
         fresh = (self._count[rows] == 0) | (cycle <= self._cycle[rows])  # a new lifetime
         self._cycle[rows] = cycle
         count = np.where(fresh, 1, self._count[rows] + 1)
