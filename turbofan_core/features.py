@@ -162,10 +162,16 @@ def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _window_statistics(
-    window: np.ndarray, w: int, count: np.ndarray, statistics: tuple[str, ...]
+    window: np.ndarray,
+    w: int,
+    count: np.ndarray,
+    statistics: tuple[str, ...],
+    rows: np.ndarray | None = None,
+    start: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Statistics (statistics, rows, sensors) of the last `w` slots of windows (rows, span, sensors),
-    of which the last `count` are valid.
+    """Statistics (statistics, rows, sensors) of the last `w` slots of windows (rings, span, sensors),
+    of which the last `count` are valid: of the rings `rows` names (all by default), each a ring
+    whose slots in time order begin at `start` (slot 0 by default).
 
     The single formula both engines use, in C (`_windows.c`: a pass per sum over a window in cache,
     instead of numpy's several passes and their temporaries); invalid slots may hold any finite
@@ -173,11 +179,13 @@ def _window_statistics(
     sensors near 9000 with a spread of a few units (E[x^2] - E[x]^2 would not).
     """
     window = np.ascontiguousarray(window, dtype=np.float64)
-    rows, span, sensors = window.shape
-    out = np.empty((len(statistics), rows, sensors))
+    rings, span, sensors = window.shape
+    rows = np.arange(rings) if rows is None else rows
+    start = np.zeros(len(rows), dtype=np.int64) if start is None else start
+    out = np.empty((len(statistics), len(rows), sensors))
     codes = bytes(STATISTICS.index(statistic) for statistic in statistics)
-    count = np.ascontiguousarray(count, dtype=np.int64)
-    _windows.statistics(window, rows, span, sensors, w, count, codes, out)
+    arguments = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, start, count))
+    _windows.statistics(window, rings, span, sensors, w, *arguments, codes, out)
     return out
 
 
@@ -265,9 +273,10 @@ def compute_features(
 class StreamingFeatures:
     """The edge engine: per-device state, one feature vector per telemetry message.
 
-    Every device's state lives in a row of shared arrays (its last max_window values, oldest first
-    with zeros before the first, its smoothed values, cycle and count), so that `update_many` moves
-    a whole round of devices with a few numpy calls instead of Python work per device.
+    Every device's state lives in a row of shared arrays (its last max_window values in a ring, the
+    oldest at `start`, its smoothed values, cycle and count), so that `update_many` moves a whole
+    round of devices with a few numpy calls instead of Python work per device, and a message
+    writes its values into the ring instead of moving the window.
     """
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
@@ -277,7 +286,8 @@ class StreamingFeatures:
         self._rows: dict[str, int] = {}  # device -> its row in the state arrays
         self._free: list[int] = []  # rows of devices reset since
         sensors = len(spec.sensors)
-        self._history = np.zeros((0, spec.max_window, sensors))  # a device's values contiguous
+        self._history = np.zeros((0, spec.max_window, sensors))  # rings of the last values
+        self._start = np.zeros(0, dtype=np.int64)  # each ring's oldest slot, where the next value goes
         self._smoothed = np.zeros((0, len(spec.ewm_alphas), sensors))
         self._cycle = np.zeros(0, dtype=np.int64)
         self._count = np.zeros(0, dtype=np.int64)  # messages in the lifetime; 0: a row not in use
@@ -335,16 +345,15 @@ class StreamingFeatures:
         self._cycle[rows] = cycle
         count = np.where(fresh, 1, self._count[rows] + 1)
         self._count[rows] = count
-        history = self._history[rows]  # (devices, max_window, sensors), moved on by one:
-        history[:, :-1] = history[:, 1:]
-        history[fresh, :-1] = 0.0
-        history[:, -1] = x
-        self._history[rows] = history
+        slot = np.where(fresh, 0, self._start[rows])  # the oldest value's, or a new lifetime's first
+        self._history[rows, slot] = x
+        start = (slot + 1) % spec.max_window
+        self._start[rows] = start
         if spec.ewm_alphas:
             smoothed = self._alphas * x[:, None, :] + (1 - self._alphas) * self._smoothed[rows]
             smoothed[fresh] = x[fresh, None, :]
             self._smoothed[rows] = smoothed
-        return self._features(history, count, cycle, x, self._smoothed[rows])
+        return self._features(rows, start, count, cycle, x, self._smoothed[rows])
 
     def _row(self, device_id: str) -> int:
         """The device's row in the state arrays, given one (the arrays grown) if it has none."""
@@ -360,23 +369,31 @@ class StreamingFeatures:
         old = len(self._count)
         extra = max(64, old)
         self._history = np.concatenate([self._history, np.zeros((extra, *self._history.shape[1:]))])
+        self._start = np.concatenate([self._start, np.zeros(extra, dtype=np.int64)])
         self._smoothed = np.concatenate([self._smoothed, np.zeros((extra, *self._smoothed.shape[1:]))])
         self._cycle = np.concatenate([self._cycle, np.zeros(extra, dtype=np.int64)])
         self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
         self._free.extend(range(old + extra - 1, old - 1, -1))  # popped lowest first
 
     def _features(
-        self, history: np.ndarray, counts: np.ndarray, cycles: np.ndarray, x: np.ndarray, smoothed: np.ndarray
+        self,
+        rows: np.ndarray,
+        start: np.ndarray,
+        counts: np.ndarray,
+        cycles: np.ndarray,
+        x: np.ndarray,
+        smoothed: np.ndarray,
     ) -> np.ndarray:
-        """Feature rows of updated devices: `history` (devices, max_window, sensors), `smoothed`
-        (devices, alphas, sensors)."""
+        """Feature rows of updated devices: their rows in the state arrays and rings' starts, counts,
+        cycles, values (devices, sensors) and smoothed values (devices, alphas, sensors)."""
         spec = self.spec
         features = np.empty((len(x), len(self.feature_names)))
         if spec.include_cycle:
             features[:, 0] = cycles
         features[:, self._raw_columns] = x
         for j, w in enumerate(spec.windows):  # each over its own last w slots, as the batch engine slides it
-            statistics = _window_statistics(history, w, np.minimum(counts, w), spec.statistics)
+            count = np.minimum(counts, w)
+            statistics = _window_statistics(self._history, w, count, spec.statistics, rows, start)
             features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
         if spec.ewm_alphas:
             features[:, self._ewm_columns] = smoothed
