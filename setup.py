@@ -39,10 +39,12 @@ setup(
         ]
     ),
     include_package_data=True,
-    # The column decoder of IoT Hub capture blocks and the tree walk (each file's header says why C).
+    # The column decoder of IoT Hub capture blocks, the tree walk and the window statistics (each
+    # file's header says why C).
     ext_modules=[
         Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"]),
         Extension("turbofan_core._trees", ["turbofan_core/_trees.c"]),
+        Extension("turbofan_core._windows", ["turbofan_core/_windows.c"]),
     ],
     install_requires=read_requirements(HERE / "requirements-edge.in"),
     extras_require={"pipeline": read_requirements(HERE / "requirements.in")},

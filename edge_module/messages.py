@@ -12,3 +12,4 @@ class Incoming(NamedTuple):
     message_id: str | None
     content_type: str | None = None  # None: application/json (the REST endpoint checked it)
     content_encoding: str | None = None  # None: utf-8
+    parsed: object = None  # the body as the transport already parsed it (a JSON object), not parsed again

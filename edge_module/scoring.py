@@ -66,12 +66,12 @@ class DeviceFeatures:
                 rounds.append([])
             rounds[level].append(index)
         vectors = np.empty((len(entries), len(self.spec.feature_names)))
+        values = np.array([entry.values for entry in entries]).reshape(len(entries), len(MEASUREMENTS))
+        values = values[:, self._columns]
         for members in rounds:
             batch = [entries[i] for i in members]
             vectors[members] = self._engine.update_many(
-                [e.device_id for e in batch],
-                [e.cycle for e in batch],
-                np.array([self._values(e) for e in batch]),
+                [e.device_id for e in batch], [e.cycle for e in batch], values[members]
             )
             for entry in batch:
                 self._last_cycle[entry.device_id] = entry.cycle

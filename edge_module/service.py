@@ -13,6 +13,7 @@ tutorial's web service: a window of cycles in, the estimate at the last one out.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import re
@@ -66,6 +67,7 @@ from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check
 DESIRED_MODEL = "desired_model.json"  # the last model reference set, so a restart serves it again
 PURGE_SECONDS = 3600.0
 MAX_VERIFIED_TOKENS = 100_000  # remembered verified SAS tokens; forgotten all at once past this
+YOUNG_COLLECTION_THRESHOLD = 20_000  # objects allocated (net) between the collector's young passes
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,8 @@ class _Checked:
     def scorable(self) -> bool:
         return self.entry is not None and not self.entry.failure
 
-    def score(self, row: np.ndarray, model: LoadedModel) -> None:
-        point, low, high = map(float, row)
+    def score(self, row: list[float], model: LoadedModel) -> None:
+        point, low, high = row
         version = model.reference.version
         self.result |= {
             "status": "scored",
@@ -185,8 +187,10 @@ class Edge:
             self.set_model(desired)
 
     def _registry_version(self) -> int | None:
-        path = self.devices.path
-        return path.stat().st_mtime_ns if path.exists() else None
+        try:
+            return self.devices.path.stat().st_mtime_ns  # one system call: this runs on every request
+        except FileNotFoundError:
+            return None
 
     def _current_devices(self) -> DeviceRegistry:
         """The registry, read again whenever its file changed (`turbofan devices create | remove`,
@@ -267,7 +271,7 @@ class Edge:
                 if telemetry:
                     scores = model.bundle.predict_matrix(self._features.features_many(telemetry))
                     scored = [c for c in checked if c.scorable]
-                    for item, row in zip(scored, scores, strict=True):
+                    for item, row in zip(scored, scores.tolist(), strict=True):
                         item.score(row, model)
                     self._place_in_regimes(scored, model)
                 self._record(checked, durable)
@@ -276,7 +280,8 @@ class Edge:
                     if item.entry is not None and item.entry.failure:
                         self._features.failure(item.entry.device_id)
                     elif item.scorable:
-                        item.score(model.bundle.predict_matrix(self._features.features(item.entry))[0], model)
+                        scores = model.bundle.predict_matrix(self._features.features(item.entry))
+                        item.score(scores[0].tolist(), model)
                         self._place_in_regimes([item], model)
                     self._record([item], durable)
         for status, count in Tally(item.result["status"] for item in checked).items():
@@ -314,6 +319,7 @@ class Edge:
             [c.properties or None for c in checked],
             [c.content_type for c in checked],
             [c.content_encoding for c in checked],
+            [m.parsed for m in messages],
         )
         seen = self.store.seen_many([(c.device_id, c.message_id) for c in checked])
         for index, item in enumerate(checked):
@@ -394,6 +400,14 @@ def create_app(config: EdgeConfig) -> FastAPI:
         if gateway is not None:
             await gateway.start()
             edge.metrics.gateway_connections.set_function(gateway.connected)
+        # What is loaded by now (modules, the app, the model) lives as long as the process: frozen,
+        # it is left out of the collector's full passes, each of which walked all of it (tens of
+        # thousands of objects, tens of ms holding the event loop) every few thousand batch messages.
+        gc.freeze()
+        # A batch keeps thousands of young objects alive at once (entries, records, results): at the
+        # default threshold of 700 the collector ran every ~60 messages (in-process, 500-message
+        # batches: 548 young collections over 30,000 messages, 36 ms); at this one, none.
+        gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
         yield
         if gateway is not None:
             await gateway.stop()

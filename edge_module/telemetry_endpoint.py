@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1 << 20  # a batch of a few thousand messages; larger is refused, not read
 
-Message = tuple[str | None, bytes, dict[str, str], str | None]  # credential, raw body, properties, id
+# credential, raw body, properties, id, the body parsed (a JSON object) or None
+Message = tuple[str | None, bytes, dict[str, str], str | None, object]
 
 
 class Refused(Exception):
@@ -50,7 +51,12 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         authorization = headers.get("authorization")
         every_item_signed = authorization is None and all(item[0] for item in items)
         requester = None if every_item_signed else _device(edge, authorization)
-        incoming = [Incoming(_device(edge, token) if token else requester, *rest) for token, *rest in items]
+        # Each token once: a gateway's batch repeats each device's token for all of its messages.
+        signers = {token: _device(edge, token) for token in dict.fromkeys(item[0] for item in items) if token}
+        incoming = [
+            Incoming(signers[token] if token else requester, raw, properties, message_id, parsed=parsed)
+            for token, raw, properties, message_id, parsed in items
+        ]
         try:
             results = edge.receive(incoming, durable=False)
             await edge.store.synced()
@@ -86,7 +92,8 @@ def _device(edge: Edge, authorization: str | None) -> str:
 
 
 def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
-    """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id).
+    """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id,
+    the body parsed when it is a JSON object, so the contract's checks need not parse it again).
 
     A single message takes its id and properties from IoT Hub's REST headers. A batch item is a
     telemetry body, or an envelope {"body", "properties", "messageId", "authorization"}: a gateway
@@ -98,26 +105,27 @@ def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
     except orjson.JSONDecodeError:
         parsed = None  # refused by the contract, with its reason
     if not isinstance(parsed, list):
-        return [(None, body, _header_properties(headers), headers.get("iothub-messageid"))]
+        one = parsed if isinstance(parsed, dict) else None
+        return [(None, body, _header_properties(headers), headers.get("iothub-messageid"), one)]
     items: list[Message] = []
     for index, item in enumerate(parsed):
         if not isinstance(item, dict):
             raise Refused(422, f"a batch holds JSON objects (bodies or envelopes); item {index} is not one")
-        if "body" in item:
-            properties, message_id, token = (
-                item.get("properties") or {},
-                item.get("messageId"),
-                item.get("authorization"),
-            )
-            if not isinstance(properties, dict):
-                raise Refused(422, f"item {index}: properties must be a JSON object")
-            for name, value in (("messageId", message_id), ("authorization", token)):
-                if value is not None and not isinstance(value, str):
-                    raise Refused(422, f"item {index}: {name} must be a string")
+        if "body" not in item:
+            items.append((None, orjson.dumps(item), {}, None, item))
+            continue
+        properties = item.get("properties") or {}
+        message_id, token = item.get("messageId"), item.get("authorization")
+        if not isinstance(properties, dict):
+            raise Refused(422, f"item {index}: properties must be a JSON object")
+        if message_id is not None and not isinstance(message_id, str):
+            raise Refused(422, f"item {index}: messageId must be a string")
+        if token is not None and not isinstance(token, str):
+            raise Refused(422, f"item {index}: authorization must be a string")
+        if properties:  # most messages have none
             properties = {str(k): str(v) for k, v in properties.items()}
-            items.append((token, orjson.dumps(item["body"]), properties, message_id))
-        else:
-            items.append((None, orjson.dumps(item), {}, None))
+        inner = item["body"]
+        items.append((token, orjson.dumps(inner), properties, message_id, inner))
     return items
 
 

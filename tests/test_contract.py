@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import fastavro
+import numpy as np
+import orjson
 import pytest
 
 from turbofan_core.capture import (
@@ -214,3 +216,19 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
             expected.kind == FAILURE and all(measured != measured)
         )
     assert 0 < accepted < len(cases)
+
+    # Bodies a transport already parsed (a gateway batch's items) get the same verdicts.
+    bodies = [_parsed(case[0]) for case in cases]
+    given = check_messages(*(list(column) for column in zip(*cases, strict=True)), bodies)
+    assert given.reasons == checked.reasons
+    for name in ("valid", "failure", "cycles", "measurements"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(checked, name))
+
+
+def _parsed(raw: bytes | None) -> object:
+    """What a transport that parsed the body hands on: the JSON object, or None."""
+    try:
+        value = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

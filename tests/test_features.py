@@ -205,6 +205,16 @@ def test_streaming_resets_when_the_cycle_restarts_and_keeps_devices_apart(fd001:
     np.testing.assert_array_equal(np.array(out["B"]), alone(second[:60]))
 
 
+def test_a_refused_update_leaves_no_device_state() -> None:
+    engine = StreamingFeatures()
+    values = np.zeros((1, len(DEFAULT_SPEC.sensors)))
+    with pytest.raises(ValueError, match="finite"):
+        engine.update_many(["x"], [1], values + np.nan)
+    with pytest.raises(OverflowError):
+        engine.update_many(["x"], [2**64], values)
+    assert engine.devices == 0
+
+
 def test_batch_handles_lifetimes_of_one_device_and_unsorted_input(fd001: pd.DataFrame) -> None:
     def unit(device: str, rows: int) -> pd.DataFrame:
         return fd001[fd001["device_id"] == device].head(rows)

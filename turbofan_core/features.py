@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from turbofan_core import _windows
 from turbofan_core.regimes import OperatingRegimes
 from turbofan_core.telemetry import MEASUREMENTS, OPERATIONAL_SETTINGS, SENSORS
 
@@ -231,37 +232,31 @@ def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def _window_statistics(window: np.ndarray, count: np.ndarray, statistics: tuple[str, ...]) -> np.ndarray:
-    """Statistics (statistics, rows, sensors) of windows (w, rows, sensors) whose last `count` are valid.
+def _window_statistics(
+    window: np.ndarray,
+    w: int,
+    count: np.ndarray,
+    statistics: tuple[str, ...],
+    rows: np.ndarray | None = None,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
+    """Statistics (statistics, rows, sensors) of the last `w` slots of windows (rings, span, sensors),
+    of which the last `count` are valid: of the rings `rows` names (all by default), each a ring
+    whose slots in time order begin at `start` (slot 0 by default).
 
-    The single formula both engines use; invalid slots may hold any finite value. std and slope work
-    on values centred on the window mean, which stays accurate for sensors near 9000 with
-    a spread of a few units (E[x^2] - E[x]^2 would not).
+    The single formula both engines use, in C (`_windows.c`: a pass per sum over a window in cache,
+    instead of numpy's several passes and their temporaries); invalid slots may hold any finite
+    value. std and slope work on values centred on the window mean, which stays accurate for
+    sensors near 9000 with a spread of a few units (E[x^2] - E[x]^2 would not).
     """
-    w = window.shape[0]
-    n = count.astype(np.float64)[:, None]  # (rows, 1)
-    valid = np.arange(w)[:, None] >= w - count  # (w, rows)
-    # Sums weighted by 0/1 rather than masked copies: one pass fewer over the window.
-    weight = valid.astype(np.float64)
-    out = np.empty((len(statistics), *window.shape[1:]))
-    if {"mean", "std", "slope"} & set(statistics):
-        mean = np.einsum("wr,wrs->rs", weight, window) / n
-        centred = window - mean
-    for i, stat in enumerate(statistics):
-        if stat == "mean":
-            out[i] = mean
-        elif stat == "std":
-            out[i] = np.sqrt(np.einsum("wr,wrs,wrs->rs", weight, centred, centred) / n)
-        elif stat == "slope":
-            # Position in the window minus the mean position of the last n slots (0 elsewhere).
-            position = (np.arange(w)[:, None] - (w - 1) + (n[:, 0] - 1) / 2) * weight  # (w, rows)
-            numerator = np.einsum("wr,wrs->rs", position, centred)
-            sxx = n * (n * n - 1) / 12  # sum of squared centred positions 0..n-1
-            out[i] = np.divide(numerator, sxx, out=np.zeros_like(numerator), where=sxx > 0)
-        elif stat == "min":
-            out[i] = np.where(valid[:, :, None], window, np.inf).min(axis=0)
-        else:
-            out[i] = np.where(valid[:, :, None], window, -np.inf).max(axis=0)
+    window = np.ascontiguousarray(window, dtype=np.float64)
+    rings, span, sensors = window.shape
+    rows = np.arange(rings) if rows is None else rows
+    start = np.zeros(len(rows), dtype=np.int64) if start is None else start
+    out = np.empty((len(statistics), len(rows), sensors))
+    codes = bytes(STATISTICS.index(statistic) for statistic in statistics)
+    arguments = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, start, count))
+    _windows.statistics(window, rings, span, sensors, w, *arguments, codes, out)
     return out
 
 
@@ -326,7 +321,7 @@ def compute_features(
         for lo in range(0, rows, block_rows):
             hi = min(lo + block_rows, rows)
             view = np.lib.stride_tricks.sliding_window_view(padded[lo + pad - w + 1 : hi + pad], w, axis=0)
-            block = _window_statistics(np.moveaxis(view, -1, 0), count[lo:hi], spec.statistics)
+            block = _window_statistics(np.moveaxis(view, -1, 1), w, count[lo:hi], spec.statistics)
             features[lo:hi, columns] = block.transpose(1, 0, 2).reshape(hi - lo, -1)
 
     if spec.ewm_alphas:
@@ -347,27 +342,27 @@ def compute_features(
     return pd.concat([ordered[[*keys, CYCLE]], pd.DataFrame(features[:, first:], columns=names)], axis=1)
 
 
-class _DeviceState:
-    """The last max_window values (oldest first, zeros before the first) and the smoothed values."""
-
-    __slots__ = ("cycle", "count", "history", "smoothed")
-
-    def __init__(self, max_window: int, sensors: int, alphas: int) -> None:
-        self.cycle = 0
-        self.count = 0
-        self.history = np.zeros((max_window, sensors))
-        self.smoothed = np.zeros((alphas, sensors))
-
-
 class StreamingFeatures:
-    """The edge engine: per-device state, one feature vector per telemetry message."""
+    """The edge engine: per-device state, one feature vector per telemetry message.
+
+    Every device's state lives in a row of shared arrays (its last max_window values in a ring, the
+    oldest at `start`, its smoothed values, cycle and count), so that `update_many` moves a whole
+    round of devices with a few numpy calls instead of Python work per device, and a message
+    writes its values into the ring instead of moving the window.
+    """
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
         self._stats_columns, self._raw_columns, self._ewm_columns = _layout(spec)
-        self._windows = np.array(spec.windows, dtype=np.intp)
         self._alphas = np.array(spec.ewm_alphas)[:, None]
-        self._states: dict[str, _DeviceState] = {}
+        self._rows: dict[str, int] = {}  # device -> its row in the state arrays
+        self._free: list[int] = []  # rows of devices reset since
+        sensors = len(spec.sensors)
+        self._history = np.zeros((0, spec.max_window, sensors))  # rings of the last values
+        self._start = np.zeros(0, dtype=np.int64)  # each ring's oldest slot, where the next value goes
+        self._smoothed = np.zeros((0, len(spec.ewm_alphas), sensors))
+        self._cycle = np.zeros(0, dtype=np.int64)
+        self._count = np.zeros(0, dtype=np.int64)  # messages in the lifetime; 0: a row not in use
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -376,11 +371,14 @@ class StreamingFeatures:
     @property
     def devices(self) -> int:
         """How many devices hold state."""
-        return len(self._states)
+        return len(self._rows)
 
     def reset(self, device_id: str) -> None:
         """Forget a device, e.g. after its failure event."""
-        self._states.pop(device_id, None)
+        row = self._rows.pop(device_id, None)
+        if row is not None:
+            self._count[row] = 0
+            self._free.append(row)
 
     def update(self, device_id: str, cycle: int, values: Mapping[str, float] | Sequence[float]) -> np.ndarray:
         """Take one message and return its feature vector in `feature_names` order.
@@ -414,46 +412,62 @@ class StreamingFeatures:
         if not np.isfinite(x).all():
             raise ValueError("sensor values must be finite")
         x = spec.sensor_values(x)
-        states = []
-        for device_id, cycle, row in zip(device_ids, cycles, x, strict=True):
-            state = self._states.get(device_id)
-            if state is None or cycle <= state.cycle:
-                state = _DeviceState(spec.max_window, len(spec.sensors), len(spec.ewm_alphas))
-                self._states[device_id] = state
-            state.cycle = cycle
-            state.count += 1
-            state.history[:-1] = state.history[1:]
-            state.history[-1] = row
-            if state.count == 1:
-                state.smoothed = np.tile(row, (len(spec.ewm_alphas), 1))
-            else:
-                state.smoothed = self._alphas * row + (1 - self._alphas) * state.smoothed
-            states.append(state)
-        return self._features(states, np.asarray(cycles), x)
+        cycle = np.array(cycles, dtype=np.int64)
+        rows = np.array([self._row(device_id) for device_id in device_ids], dtype=np.intp)
+        fresh = (self._count[rows] == 0) | (cycle <= self._cycle[rows])  # a new lifetime
+        self._cycle[rows] = cycle
+        count = np.where(fresh, 1, self._count[rows] + 1)
+        self._count[rows] = count
+        slot = np.where(fresh, 0, self._start[rows])  # the oldest value's, or a new lifetime's first
+        self._history[rows, slot] = x
+        start = (slot + 1) % spec.max_window
+        self._start[rows] = start
+        if spec.ewm_alphas:
+            smoothed = self._alphas * x[:, None, :] + (1 - self._alphas) * self._smoothed[rows]
+            smoothed[fresh] = x[fresh, None, :]
+            self._smoothed[rows] = smoothed
+        return self._features(rows, start, count, cycle, x, self._smoothed[rows])
 
-    def _features(self, states: list[_DeviceState], cycles: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Feature rows of updated device states."""
+    def _row(self, device_id: str) -> int:
+        """The device's row in the state arrays, given one (the arrays grown) if it has none."""
+        row = self._rows.get(device_id)
+        if row is None:
+            if not self._free:
+                self._grow()
+            row = self._rows[device_id] = self._free.pop()
+        return row
+
+    def _grow(self) -> None:
+        """Double the state arrays (at least 64 rows), the new rows free."""
+        old = len(self._count)
+        extra = max(64, old)
+        self._history = np.concatenate([self._history, np.zeros((extra, *self._history.shape[1:]))])
+        self._start = np.concatenate([self._start, np.zeros(extra, dtype=np.int64)])
+        self._smoothed = np.concatenate([self._smoothed, np.zeros((extra, *self._smoothed.shape[1:]))])
+        self._cycle = np.concatenate([self._cycle, np.zeros(extra, dtype=np.int64)])
+        self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
+        self._free.extend(range(old + extra - 1, old - 1, -1))  # popped lowest first
+
+    def _features(
+        self,
+        rows: np.ndarray,
+        start: np.ndarray,
+        counts: np.ndarray,
+        cycles: np.ndarray,
+        x: np.ndarray,
+        smoothed: np.ndarray,
+    ) -> np.ndarray:
+        """Feature rows of updated devices: their rows in the state arrays and rings' starts, counts,
+        cycles, values (devices, sensors) and smoothed values (devices, alphas, sensors)."""
         spec = self.spec
-        features = np.empty((len(states), len(self.feature_names)))
+        features = np.empty((len(x), len(self.feature_names)))
         if spec.include_cycle:
             features[:, 0] = cycles
         features[:, self._raw_columns] = x
-        if spec.windows and len(states) == 1:
-            # One device: all windows in one call, each seeing the whole history with only its last
-            # min(count, w) slots valid (the extra slots add zeros to the sums); fewest numpy calls.
-            history = np.broadcast_to(
-                states[0].history[:, None, :], (spec.max_window, *self._stats_columns.shape[1:])
-            )
-            count = np.minimum(states[0].count, self._windows)
-            features[0, self._stats_columns] = _window_statistics(history, count, spec.statistics)
-        elif spec.windows:
-            # Many devices: one window at a time over its own last w slots (zeros before the first
-            # message), as the batch engine slides it; no copy of the history per window.
-            history = np.stack([state.history for state in states], axis=1)  # (max_window, devices, sensors)
-            counts = np.array([state.count for state in states])
-            for j, w in enumerate(spec.windows):
-                statistics = _window_statistics(history[-w:], np.minimum(counts, w), spec.statistics)
-                features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
+        for j, w in enumerate(spec.windows):  # each over its own last w slots, as the batch engine slides it
+            count = np.minimum(counts, w)
+            statistics = _window_statistics(self._history, w, count, spec.statistics, rows, start)
+            features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
         if spec.ewm_alphas:
-            features[:, self._ewm_columns] = np.stack([state.smoothed for state in states])
+            features[:, self._ewm_columns] = smoothed
         return features

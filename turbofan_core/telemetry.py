@@ -160,8 +160,12 @@ def check_messages(
     properties: Sequence[Mapping[str, str] | None],
     content_types: Sequence[str | None],
     content_encodings: Sequence[str | None],
+    parsed: Sequence[object] | None = None,
 ) -> CheckedMessages:
     """Validate a batch of messages, with parse_message's verdicts and reasons.
+
+    `parsed` may give bodies a caller already parsed (what orjson.loads gives for the body; None
+    where it did not), so they are not parsed twice.
 
     Ingestion validates every message, so the usual telemetry message (a device id, no `type`
     property but telemetry's, the usual content type, a JSON body holding every field) is checked a
@@ -172,8 +176,10 @@ def check_messages(
     usual: list[int] = []
     rows: list[tuple] = []
     others: list[int] = []
-    messages = zip(bodies, device_ids, properties, content_types, content_encodings, strict=True)
-    for index, (body, device_id, props, content_type, encoding) in enumerate(messages):
+    if parsed is None:
+        parsed = [None] * count
+    messages = zip(bodies, device_ids, properties, content_types, content_encodings, parsed, strict=True)
+    for index, (body, device_id, props, content_type, encoding, value) in enumerate(messages):
         if (
             device_id
             and (not props or props.get(TYPE_PROPERTY, TELEMETRY) == TELEMETRY)  # other properties: info
@@ -182,7 +188,7 @@ def check_messages(
             and encoding in _USUAL_ENCODINGS
         ):
             try:
-                rows.append(_take_fields(orjson.loads(body)))
+                rows.append(_take_fields(orjson.loads(body) if value is None else value))
             except (orjson.JSONDecodeError, TypeError, KeyError):
                 pass
             else:
