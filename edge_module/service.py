@@ -294,7 +294,8 @@ class Edge:
         regimes = model.bundle.spec.regimes
         if regimes is None or not scored:
             return
-        settings = np.array([item.entry.values[: len(regimes.settings)] for item in scored])
+        columns = [MEASUREMENTS.index(name) for name in regimes.settings]
+        settings = np.array([[item.entry.values[i] for i in columns] for item in scored])
         nearest, far = regimes.assign(settings)
         for item, regime, unknown in zip(scored, nearest.tolist(), far.tolist(), strict=True):
             item.result["operating_regime"] = {"nearest": regime, "known": not unknown}

@@ -134,17 +134,19 @@ def test_a_bundle_carries_its_regimes_as_json_and_scores_the_same_after_a_round_
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "reason"),
     [
-        {"centres": [[0.0, 0.0]]},
-        {"scales": [[0.0] * 16] * 6},
-        {"settings": ["OperationalSetting1"]},
-        {"unexpected": 1},
+        ({"centres": [[0.0, 0.0]]}, "centres must be 1 rows of 3 values"),
+        ({"scales": [[0.0] * 16] * 6}, "spreads and scales must be positive"),
+        ({"settings": ["OperationalSetting1"]}, "centres must be 6 rows of 1 values"),
+        ({"unexpected": 1}, "regimes need exactly the keys"),
     ],
     ids=["short-centre", "zero-scale", "settings", "unknown-key"],
 )
-def test_malformed_regimes_in_a_bundle_are_refused(fd002_spec: FeatureSpec, change: dict) -> None:
-    with pytest.raises(ValueError, match="regimes"):
+def test_malformed_regimes_in_a_bundle_are_refused(
+    fd002_spec: FeatureSpec, change: dict, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason):
         FeatureSpec.from_dict({**fd002_spec.to_dict(), "regimes": {**fd002_spec.regimes.to_dict(), **change}})
 
 
@@ -221,3 +223,30 @@ def test_rows_where_no_sensor_carries_signal_fit_nothing(fd002_train: pd.DataFra
     flat[list(SENSORS)] = flat[list(SENSORS)].iloc[0].to_numpy()
     with pytest.raises(NoSignal, match="no sensor's values correlate with rul"):
         fit_spec(flat, "rul")
+
+
+def test_a_few_odd_rows_join_a_regime_and_odd_settings_are_flagged(fd002_train: pd.DataFrame) -> None:
+    """Five rows at an altitude nobody else flies are noise, not a seventh operating condition."""
+    odd = fd002_train.head(5).assign(OperationalSetting1=60.0)
+    spec = fit_spec(pd.concat([fd002_train, odd], ignore_index=True), "rul")
+    assert spec.regimes.count == 6
+    nearest, far = spec.regimes.assign(np.array([[np.nan, 0.84, 100.0], [42.0, 0.84, 100.0]]))
+    assert far.tolist() == [True, False] and nearest[1] == 5
+
+
+def test_a_sensor_constant_in_one_regime_is_standardised_in_the_units_of_the_others(
+    fd002_train: pd.DataFrame,
+) -> None:
+    rows = fd002_train.copy()
+    settings = rows[list(OPERATIONAL_SETTINGS)].to_numpy()
+    first, _ = fit_spec(rows, "rul").regimes.assign(settings)
+    rows.loc[first == 0, "Sensor4"] = rows.loc[first == 0, "Sensor4"].iloc[0]  # stuck in regime 0
+    regimes = fit_spec(rows, "rul").regimes
+    column = regimes.sensors.index("Sensor4")
+    assert regimes.scales[0][column] == pytest.approx(
+        np.sqrt(np.mean(np.square([s[column] for s in regimes.scales[1:]]))), rel=0.2
+    )
+    moved = rows.loc[first == 0, list(regimes.sensors)].head(1).to_numpy()
+    moved[0, column] += 30.0  # a new value in that regime: a few standard deviations, not raw units
+    value = regimes.standardise(settings[first == 0][:1], moved)[0, column]
+    assert 1 < value < 10

@@ -481,8 +481,9 @@ def _edge_summary(
     interrupted: bool,
     args: argparse.Namespace,
 ) -> str:
-    """The counts and the edge's answers, one per line; the commonest refusal reasons with the refusals.
-    `retries` is None where the client retries out of sight (azure-iot-device)."""
+    """The counts and the edge's answers, one per line; the commonest refusal reasons with the refusals;
+    resent copies and late messages when `args` asked for them. `retries` is None where the client
+    retries out of sight (azure-iot-device)."""
     lines = ["interrupted: every message sent until then was acknowledged"] if interrupted else []
     lines += [
         f"devices:        {stats.devices}",

@@ -30,32 +30,63 @@ FAR_SIGMAS = 8.0  # training spreads (per setting) beyond which a message is far
 # A setting's spread within a regime is never taken below this share of its centre (at least 1):
 # a setting that is constant in training (FD001's throttle) still tolerates rounding.
 SPREAD_FLOOR = 1e-3
+# A regime holds at least this share of the training rows: the rows of a smaller cluster (a few
+# odd readings) join the nearest regime instead of making one of their own.
+MIN_REGIME_SHARE = 0.01
 _RESTARTS = 4
+_ROWS = ("centres", "spreads", "means", "scales")  # the per-regime rows of OperatingRegimes
 _ITERATIONS = 100
+
+
+def _squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return ((points[:, None, :] - centres[None]) ** 2).sum(axis=2)
 
 
 def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
     """Lloyd's k-means from a k-means++ start: (centres, labels, within-cluster sum of squares)."""
     centres = points[[int(rng.integers(len(points)))]]
     while len(centres) < k:
-        distance = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).min(axis=1)
+        distance = _squared_distances(points, centres).min(axis=1)
         if distance.sum() == 0:
             break  # fewer distinct points than k
         centres = np.vstack([centres, points[rng.choice(len(points), p=distance / distance.sum())]])
     for _ in range(_ITERATIONS):
-        labels = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
-        moved = np.array([points[labels == j].mean(axis=0) for j in range(len(centres))])
+        labels = _squared_distances(points, centres).argmin(axis=1)
+        # A cluster left without points keeps its centre (its mean would be NaN).
+        moved = np.array(
+            [
+                points[labels == j].mean(axis=0) if (labels == j).any() else centres[j]
+                for j in range(len(centres))
+            ]
+        )
         if np.array_equal(moved, centres):
             break
         centres = moved
-    labels = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+    labels = _squared_distances(points, centres).argmin(axis=1)
     return centres, labels, float(((points - centres[labels]) ** 2).sum())
 
 
+def _merge_small(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Labels with the rows of clusters under MIN_REGIME_SHARE moved to the nearest larger cluster."""
+    ids, counts = np.unique(labels, return_counts=True)
+    large = ids[counts >= MIN_REGIME_SHARE * len(labels)]
+    if len(large) == len(ids):
+        return labels
+    if len(large) == 0:
+        return np.zeros_like(labels)
+    centres = np.array([points[labels == j].mean(axis=0) for j in large])
+    small = ~np.isin(labels, large)
+    merged = labels.copy()
+    merged[small] = large[_squared_distances(points[small], centres).argmin(axis=1)]
+    return merged
+
+
 def _place(settings: np.ndarray, centres: np.ndarray, spreads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nearest centre, in spreads of its settings, and whether it is beyond FAR_SIGMAS."""
+    """Each row's nearest centre, in spreads of its settings, and whether it is beyond FAR_SIGMAS
+    (a row with a setting that is not finite is far from every regime)."""
     z = np.abs(settings[:, None, :] - centres[None]) / spreads[None]
     worst = z.max(axis=2)  # (rows, regimes): the farthest setting decides
+    worst[~np.isfinite(settings).all(axis=1)] = np.inf
     nearest = worst.argmin(axis=1)
     return nearest, worst[np.arange(len(nearest)), nearest] > FAR_SIGMAS
 
@@ -76,6 +107,7 @@ def find_regimes(settings: np.ndarray, seed: int = 0) -> np.ndarray:
                 break
         else:
             labels = np.zeros(len(points), dtype=np.intp)  # no small k explains them: one regime, noisy
+    labels = _merge_small(points, labels)
     centres = np.array([settings[labels == j].mean(axis=0) for j in np.unique(labels)])
     order = np.lexsort(centres.T[::-1])  # stable numbering: by the first setting, then the next
     return np.argsort(order)[np.searchsorted(np.unique(labels), labels)]
@@ -124,13 +156,19 @@ class OperatingRegimes:
         centres = np.array([settings[clusters == j].mean(axis=0) for j in regimes])
         floor = SPREAD_FLOOR * np.maximum(np.abs(centres), 1.0)
         spreads = np.maximum(np.array([settings[clusters == j].std(axis=0) for j in regimes]), floor)
-        # Sensor statistics by the assignment scoring uses, so a training row is standardised alike.
-        labels, _ = _place(settings, centres, spreads)
-        means = np.array([values[labels == j].mean(axis=0) for j in regimes])
-        deviations = np.array([values[labels == j].std(axis=0) for j in regimes])
-        # A sensor constant within a regime has nothing to standardise: it becomes 0 there.
+        # Sensor statistics by the assignment scoring uses, so a training row is standardised alike
+        # (a regime that assignment leaves empty keeps its cluster's rows).
+        placed, _ = _place(settings, centres, spreads)
+        members = [placed == j if (placed == j).any() else clusters == j for j in regimes]
+        means = np.array([values[rows].mean(axis=0) for rows in members])
+        deviations = np.array([values[rows].std(axis=0) for rows in members])
+        # A sensor constant within a regime takes its spread within the others (1 if none), so a
+        # new value there is standardised in the same units as elsewhere.
+        counts = np.array([rows.sum() for rows in members])[:, None]
+        pooled = np.sqrt((counts * deviations**2).sum(axis=0) / counts.sum())
         tiny = deviations <= 1e-12 * np.maximum(np.abs(means), 1.0)
-        scales = np.where(tiny, 1.0, deviations)
+        usable = pooled > 1e-12 * np.maximum(np.abs(means).max(axis=0), 1.0)
+        scales = np.where(tiny, np.where(usable, pooled, 1.0), deviations)
         return cls(
             tuple(setting_names),
             tuple(sensors),
@@ -150,6 +188,7 @@ class OperatingRegimes:
 
     @property
     def count(self) -> int:
+        """How many regimes."""
         return len(self.centres)
 
     @cached_property
@@ -168,6 +207,7 @@ class OperatingRegimes:
         return (np.asarray(values, dtype=np.float64) - means[regime]) / scales[regime]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, for the feature spec in a model bundle."""
         return {
             "settings": list(self.settings),
             "sensors": list(self.sensors),
@@ -176,10 +216,8 @@ class OperatingRegimes:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OperatingRegimes:
+        """Inverse of `to_dict`, refusing missing or unknown keys and malformed rows."""
         keys = {"settings", "sensors", *_ROWS}
         if set(data) != keys:
             raise ValueError(f"regimes need exactly the keys {sorted(keys)}, got {sorted(data)}")
         return cls(**data)
-
-
-_ROWS = ("centres", "spreads", "means", "scales")

@@ -48,7 +48,8 @@ def rul_labels(context: AssetExecutionContext, config: LabelConfig, warehouse: W
 
 
 class ReferenceFleetConfig(Config):
-    """Which C-MAPSS test engines to evaluate on: file names in the C-MAPSS folder, or paths."""
+    """Which C-MAPSS test engines to evaluate on: file names in the C-MAPSS folder, or paths. Either
+    way the file must be one whose checksum `turbofan_core.cmapss` knows (FD001, the FD002 subset)."""
 
     test_file: str = "test_FD001.txt"
     """The test engines, each cut before failure."""

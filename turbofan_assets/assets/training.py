@@ -84,7 +84,8 @@ def training_features(warehouse: Warehouse):
 
     The spec's operating regimes (found in the operational settings), each sensor's
     standardisation within its regime and the sensors that carry signal are learnt here, from
-    training rows only; its windows and smoothing are the shared default. The features are
+    training rows only (all of them: the cross-validation's folds then share the regimes and the
+    sensor choice); its windows and smoothing are the shared default. The features are
     computed by the same batch engine, from the same spec, that the bundle carries to the edge,
     so training and scoring see identical features. Both tables are written in one transaction.
     """
@@ -120,8 +121,9 @@ def training_features(warehouse: Warehouse):
 
 
 def _fitted(rows: pd.DataFrame) -> tuple[FeatureSpec | None, str]:
-    """The spec fitted on the labelled rows, or None and why nothing could be fitted (then the
-    tables are written empty, and training says why it cannot start)."""
+    """The spec fitted on the labelled rows, or None and why nothing could be fitted (then no spec
+    is stored and the features table holds only the rows' keys and RUL: training says why it
+    cannot start)."""
     if not len(rows):
         return None, "no labelled trajectories yet: an engine must report its failure first"
     try:
@@ -135,8 +137,9 @@ def _load_training_set(conn: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, F
     stored = conn.execute(f"SELECT spec FROM {SPEC_TABLE}").fetchall() if has_table(conn, SPEC_TABLE) else []
     if not stored:
         raise Failure(
-            "training_features holds no feature spec: no labelled trajectories yet, or no sensor "
-            "carries signal in them (see its latest materialisation)"
+            "training_features holds no feature spec: no labelled trajectories yet, no sensor carries "
+            "signal in them (see its latest materialisation), or it was made by a version that kept "
+            "no spec: materialise training_features again"
         )
     spec = FeatureSpec.from_dict(json.loads(stored[0][0]))
     frame = conn.execute(f"SELECT * FROM {TABLE} ORDER BY device_id, lifetime, CycleTime").df()
