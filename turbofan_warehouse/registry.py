@@ -9,14 +9,14 @@ for. Every stage change is also appended to `model_stage_events`, with its reaso
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 import pandas as pd
+
+from turbofan_warehouse.schema import has_table, transaction
 
 CANDIDATE, CHAMPION, ARCHIVED = "candidate", "champion", "archived"
 PROMOTED, REFUSED = "promoted", "refused"
@@ -134,21 +134,10 @@ def ensure_registry(conn: duckdb.DuckDBPyConnection) -> None:
 
 def exists(conn: duckdb.DuckDBPyConnection) -> bool:
     """Whether any model was ever registered in this warehouse (works on a read-only connection)."""
-    query = "SELECT count(*) FROM information_schema.tables WHERE table_name = 'model_registry'"
-    if conn.execute(query).fetchone()[0] == 0:
-        return False
-    return conn.execute("SELECT count(*) FROM model_registry").fetchone()[0] > 0
-
-
-@contextmanager
-def _transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    return (
+        has_table(conn, "model_registry")
+        and conn.execute("SELECT count(*) FROM model_registry").fetchone()[0] > 0
+    )
 
 
 def _records(conn: duckdb.DuckDBPyConnection, where: str, args: list[Any]) -> list[ModelRecord]:
@@ -176,7 +165,7 @@ def register_candidate(conn: duckdb.DuckDBPyConnection, model: Registration) -> 
     """Add a new candidate and return its version (one more than the highest so far)."""
     ensure_registry(conn)
     row = {k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else v for k, v in asdict(model).items()}
-    with _transaction(conn):
+    with transaction(conn):
         version = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM model_registry").fetchone()[0]
         now = _utc_now()
         _insert(
@@ -216,7 +205,7 @@ def get(conn: duckdb.DuckDBPyConnection, version: int) -> ModelRecord | None:
 
 def promote(conn: duckdb.DuckDBPyConnection, version: int, reason: str) -> None:
     """Make `version` the champion and archive the previous one, atomically."""
-    with _transaction(conn):
+    with transaction(conn):
         previous = champion(conn)
         if previous is not None:
             conn.execute(
@@ -249,7 +238,7 @@ def record_evaluation(
 ) -> None:
     """Store a test-fleet evaluation (replacing one of the same version) and copy its headline figures."""
     ensure_registry(conn)
-    with _transaction(conn):
+    with transaction(conn):
         conn.execute("DELETE FROM model_evaluations WHERE version = ?", [version])
         conn.execute("DELETE FROM evaluation_errors WHERE version = ?", [version])
         _insert(

@@ -7,6 +7,9 @@ migrated.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import duckdb
 
 from turbofan_core.telemetry import MEASUREMENTS
@@ -97,6 +100,18 @@ def schema_version(conn: duckdb.DuckDBPyConnection) -> int | None:
         return None
     row = conn.execute("SELECT value FROM warehouse_info WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else None
+
+
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """What the block writes, committed together or (on any exception) not at all."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def has_table(conn: duckdb.DuckDBPyConnection, table: str) -> bool:

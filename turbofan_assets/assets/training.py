@@ -28,7 +28,7 @@ from turbofan_core.features import CYCLE, FeatureSpec, NoSignal, compute_feature
 from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import MEASUREMENTS
 from turbofan_warehouse import registry
-from turbofan_warehouse.schema import has_table
+from turbofan_warehouse.schema import has_table, transaction
 
 FEATURES_GROUP = "preparation"
 GROUP = "training"
@@ -94,12 +94,11 @@ def training_features(warehouse: Warehouse):
         spec, unfitted = _fitted(rows)
         frame = rows[[*KEYS, CYCLE, training.TARGET]] if spec is None else labelled_features(rows, spec)
         conn.register("new_features", frame)
-        conn.execute("BEGIN TRANSACTION")
-        conn.execute(f"CREATE OR REPLACE TABLE {TABLE} AS SELECT * FROM new_features")
-        conn.execute(f"CREATE OR REPLACE TABLE {SPEC_TABLE} (spec VARCHAR NOT NULL)")
-        if spec is not None:
-            conn.execute(f"INSERT INTO {SPEC_TABLE} VALUES (?)", [json.dumps(spec.to_dict())])
-        conn.execute("COMMIT")
+        with transaction(conn):
+            conn.execute(f"CREATE OR REPLACE TABLE {TABLE} AS SELECT * FROM new_features")
+            conn.execute(f"CREATE OR REPLACE TABLE {SPEC_TABLE} (spec VARCHAR NOT NULL)")
+            if spec is not None:
+                conn.execute(f"INSERT INTO {SPEC_TABLE} VALUES (?)", [json.dumps(spec.to_dict())])
         conn.unregister("new_features")
     spec_metadata = (
         {
