@@ -7,10 +7,10 @@ and both are `AcknowledgedTransport`s.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -128,17 +128,18 @@ class AcknowledgedTransport:
         held = self._held.setdefault(device_id, [])
         failure = record.properties.get(TYPE_PROPERTY) == FAILURE
         if failure:
-            self._send_held(device_id, lambda _due: True)
+            self._send_held(device_id, math.inf)
         if not failure and self.late and self._random.random() < self.late:
             held.append((number + self._random.randint(*_LATE_BY_MESSAGES), number, record))
         else:
             self._send_numbered(record, device_id, number)
-        self._send_held(device_id, lambda due: due <= number)
+        self._send_held(device_id, number)
         return number
 
-    def _send_held(self, device_id: str, due: Callable[[int], bool]) -> None:
+    def _send_held(self, device_id: str, now: float) -> None:
+        """Send the device's held messages due by its message number `now`."""
         held = self._held.get(device_id, [])
-        for item in [item for item in held if due(item[0])]:
+        for item in [item for item in held if item[0] <= now]:
             held.remove(item)
             self._send_numbered(item[2], device_id, item[1])
 
@@ -170,7 +171,7 @@ class AcknowledgedTransport:
     def flush(self) -> None:
         """Send every held message."""
         for device_id in list(self._held):
-            self._send_held(device_id, lambda _due: True)
+            self._send_held(device_id, math.inf)
 
     def close(self) -> None:
         raise NotImplementedError

@@ -54,13 +54,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class _Process:
+    """A child in its own process group (so stopping it stops its children), logging to `log`."""
+
     name: str
-    popen: subprocess.Popen
     log: Path
     command: list[str]
     env: dict[str, str]
+    popen: subprocess.Popen = field(init=False)
 
-    def restart(self) -> None:
+    def start(self) -> None:
+        """Start it, or start it again: the log goes on where it stopped."""
         with self.log.open("ab") as handle:
             self.popen = subprocess.Popen(
                 self.command, stdout=handle, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
@@ -197,12 +200,8 @@ def _prepare_edge(edge_dir: Path, devices: list[str]):
 def _start(
     processes: list[_Process], name: str, logs: Path, env: dict[str, str], command: list[str]
 ) -> _Process:
-    log = logs / f"{name}.log"
-    with log.open("ab") as handle:
-        popen = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    process = _Process(name, popen, log, command, env)
+    process = _Process(name, logs / f"{name}.log", command, env)
+    process.start()
     processes.append(process)
     return process
 
@@ -236,7 +235,7 @@ def _follow(home: Home, processes: list[_Process], simulator: _Process, edge_url
                     f"simulator finished (exit {code}); the system keeps running: Ctrl-C to stop", flush=True
                 )
             elif process.name == "edge":
-                process.restart()
+                process.start()
                 print(f"edge module stopped (exit {code}); restarted (pid {process.popen.pid})", flush=True)
             elif process is not simulator:
                 raise CommandError(f"{process.name} stopped (exit {code}):\n{process.tail()}")

@@ -69,11 +69,9 @@ def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.nd
 def _merge_small(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Labels with the rows of clusters under MIN_REGIME_SHARE moved to the nearest larger cluster."""
     ids, counts = np.unique(labels, return_counts=True)
-    large = ids[counts >= MIN_REGIME_SHARE * len(labels)]
+    large = ids[counts >= MIN_REGIME_SHARE * len(labels)]  # never empty: k <= MAX_REGIMES
     if len(large) == len(ids):
         return labels
-    if len(large) == 0:
-        return np.zeros_like(labels)
     centres = np.array([points[labels == j].mean(axis=0) for j in large])
     small = ~np.isin(labels, large)
     merged = labels.copy()
@@ -170,9 +168,7 @@ class OperatingRegimes:
         usable = pooled > 1e-12 * np.maximum(np.abs(means).max(axis=0), 1.0)
         scales = np.where(tiny, np.where(usable, pooled, 1.0), deviations)
         return cls(
-            tuple(setting_names),
-            tuple(sensors),
-            *(tuple(map(tuple, a.tolist())) for a in (centres, spreads, means, scales)),
+            tuple(setting_names), tuple(sensors), *(a.tolist() for a in (centres, spreads, means, scales))
         )
 
     def only(self, sensors: Sequence[str]) -> OperatingRegimes:
