@@ -96,7 +96,7 @@ def turbofan_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -126,7 +126,7 @@ def start_azurite(workdir: Path, port: int | None = None) -> tuple[subprocess.Po
             f"{AZURITE_BLOB} is missing: run `make test` (it installs azurite@3.35.0 into .tools/azurite)",
             pytrace=False,
         )
-    port = port or _free_port()
+    port = port or free_port()
     log_path = workdir / "azurite.log"
     # A log file, not a pipe: nobody drains a pipe while tests run, and a full pipe blocks the server.
     with log_path.open("ab") as log:
@@ -295,7 +295,7 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory, cmapss_dir: Path) -> It
             pytrace=False,
         )
 
-    port = _free_port()
+    port = free_port()
     ui_log = workdir / "ui.log"
     # A log file, not a pipe: nobody drains a pipe while tests run, and a full pipe blocks the server.
     with ui_log.open("wb") as log:

@@ -38,11 +38,18 @@ PARAMS = {"max_depth": 3, "learning_rate": 0.1, "n_estimators": 20}
 CAP = 125
 
 
+def with_rul(fleet: pd.DataFrame, rul_cap: int = CAP) -> pd.DataFrame:
+    """`fleet` (run-to-failure engines as devices, in their order) with each cycle's RUL, as
+    `rul_labels` makes it: each lifetime ends at its last cycle."""
+    failures = fleet.groupby(["device_id", "lifetime"], as_index=False)["CycleTime"].max()
+    labels = label_rul(fleet, failures, cap=rul_cap)[["device_id", "lifetime", "CycleTime", "rul"]]
+    return fleet.merge(labels, on=["device_id", "lifetime", "CycleTime"], how="left", validate="1:1")
+
+
 def make_bundle(fleet: pd.DataFrame, rul_cap: int = CAP, spec: FeatureSpec = SPEC) -> ModelBundle:
     """A small real model on `fleet` (FD001 engines as devices), quick to train."""
-    failures = fleet.groupby(["device_id", "lifetime"], as_index=False)["CycleTime"].max()
-    labels = label_rul(fleet, failures, cap=rul_cap)
-    frame = compute_features(fleet, spec).merge(labels[["device_id", "lifetime", "CycleTime", "rul"]])
+    labels = with_rul(fleet, rul_cap)[["device_id", "lifetime", "CycleTime", "rul"]]
+    frame = compute_features(fleet, spec).merge(labels)
     X, y = training.design_matrix(frame, spec.feature_names)
     folds = training.trajectory_folds(frame, 3, seed=0)
     fitted = training.fit_final(X, y, folds, PARAMS, seed=0, workers=1)

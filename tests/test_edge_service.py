@@ -22,7 +22,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from test_bundle import make_bundle, rezip
+from conftest import free_port
+from test_bundle import make_bundle, rezip, with_rul
 from test_contract import MALFORMED
 
 from edge_module.auth import DeviceRegistry, make_sas_token
@@ -37,12 +38,6 @@ from turbofan_warehouse.ingest import ingest_new_files
 HUB = "turbofan-hub.azure-devices.net"
 ADMIN_KEY = "test-admin-key"
 DEVICES = [f"Test_{unit:03d}" for unit in range(1, 11)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -98,7 +93,7 @@ def start_edge(
     host: str = "127.0.0.1",
     options: tuple[str, ...] = (),
 ) -> Edge:
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).parent / "turbofan"), "edge", "serve", "--host", host,
                "--port", str(port), "--state", str(state), "--landing-dir", str(landing),
                *options]  # fmt: skip
@@ -501,10 +496,7 @@ def test_a_model_with_operating_regimes_scores_fd002_like_the_batch_model_and_fl
     train = train[train["unit"] <= 12].assign(
         device_id=lambda f: f["unit"].map("Client_{:03d}".format), lifetime=1
     )
-    rows = train.assign(
-        rul=(train.groupby("unit")["CycleTime"].transform("max") - train["CycleTime"]).clip(upper=125)
-    )
-    bundle = make_bundle(train, spec=fit_spec(rows, "rul"))
+    bundle = make_bundle(train, spec=fit_spec(with_rul(train), "rul"))
     store = LocalStore(tmp_path / "models")
     path = store.root / write_bundle(store, bundle)
     state = tmp_path / "state"

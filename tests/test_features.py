@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_bundle import with_rul
 
 from turbofan_core.cmapss import read_cmapss
 from turbofan_core.features import (
@@ -47,10 +48,7 @@ def units_as_devices(folder: Path, subset: str) -> pd.DataFrame:
 
 def fitted_on_train(fleet: pd.DataFrame) -> FeatureSpec:
     """The spec fitted on the train units (their capped RUL as the target), as training fits it."""
-    train = fleet[fleet["device_id"].str.startswith("t")].copy()
-    train["rul"] = (train.groupby("device_id")["CycleTime"].transform("max") - train["CycleTime"]).clip(
-        upper=125
-    )
+    train = with_rul(fleet[fleet["device_id"].str.startswith("t")])
     return fit_spec(train, "rul")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from browser import artifacts_of, chromium, ui_page
+from conftest import free_port
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from playwright.sync_api import expect
 
@@ -30,12 +30,6 @@ WAIT_SECONDS = 420  # a hang guard, far above what the loop takes
 UI_TIMEOUT_MS = 60_000
 FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 TURBOFAN = str(Path(sys.executable).parent / "turbofan")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(pattern: str, log: Path, live: subprocess.Popen) -> re.Match:
@@ -92,11 +86,11 @@ def test_the_loop_trains_and_deploys_by_itself_and_loses_nothing_when_the_edge_i
     env = {**os.environ, "TURBOFAN_HOME": str(home)}
     env.pop("DAGSTER_HOME", None)
     log = tmp_path / "live.out"
-    ui_port = _free_port()
+    ui_port = free_port()
     with log.open("wb") as out:
         live = subprocess.Popen(
             [TURBOFAN, "live", "--units", FIRST, "--rate", "10",
-             "--retrain-after", "5", "--ui-port", str(ui_port), "--edge-port", str(_free_port())],
+             "--retrain-after", "5", "--ui-port", str(ui_port), "--edge-port", str(free_port())],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     try:

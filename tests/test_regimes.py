@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dagster import AssetKey
-from test_bundle import make_bundle
+from test_bundle import make_bundle, with_rul
 from test_training import SMALL_GRID, _values
 
 from simulator.capture_writer import CaptureWriter
@@ -51,10 +51,7 @@ def train_units(path: Path) -> pd.DataFrame:
     frame = read_cmapss(path)
     frame["device_id"] = frame.pop("unit").map(lambda unit: f"Client_{unit:03d}")
     frame["lifetime"] = 1
-    frame["rul"] = (frame.groupby("device_id")["CycleTime"].transform("max") - frame["CycleTime"]).clip(
-        upper=125
-    )
-    return frame
+    return with_rul(frame)
 
 
 @pytest.fixture(scope="module")

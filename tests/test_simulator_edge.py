@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+from conftest import free_port
 from test_bundle import make_bundle
 from tqdm import tqdm
 
@@ -39,19 +39,13 @@ NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 DEVICES = [f"Client_{unit:03d}" for unit in UNITS]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Edge:
     """`turbofan edge serve` on a fixed port, so a restart is found at the same URL."""
 
     def __init__(self, state: Path, model: tuple[Path, str] | None = None) -> None:
         self.state = state
         self.landing = state.parent / "landing"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
         self.process: subprocess.Popen | None = None
