@@ -1,10 +1,11 @@
 """Store-and-forward: ship the edge's outbox to the landing zone as IoT Hub capture files.
 
-Each file holds a run of outbox records and is named by the store's id and the run's first and
-last sequence numbers. The run is pinned in the store before it is sent and deleted from the
-outbox only once the landing zone has the file, so a crash or a lost answer at any point leads to
-a resend of the same records under the same name, which create-if-absent refuses (NameTaken): the
-file is already there, and the records are marked shipped. Nothing is lost and no file is doubled.
+Each file holds a run of outbox records, whole requests of at least `max_records` records unless
+fewer wait, and is named by the store's id and the run's first and last sequence numbers. The run
+is pinned in the store before it is sent and deleted from the outbox only once the landing zone
+has the file, so a crash or a lost answer at any point leads to a resend of the same records under
+the same name, which create-if-absent refuses (NameTaken): the file is already there, and the
+records are marked shipped. Nothing is lost and no file is doubled.
 The store's id keeps two edges, or one whose state folder was wiped, from ever sharing a name.
 
 While the landing zone is unreachable the records wait in the outbox; attempts back off
@@ -132,7 +133,7 @@ class Forwarder:
             return len(rows)
 
     def _take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, bytes, float]]:
-        """`store.take`, PACE_RECORDS at a time with a pause between (see `_paced`)."""
+        """`store.take`, PACE_RECORDS at a time (whole requests) with a pause between (see `_paced`)."""
         rows: list[tuple[int, bytes, float]] = []
         while len(rows) < limit:
             after = rows[-1][0] if rows else 0

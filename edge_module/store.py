@@ -1,28 +1,36 @@
 """The edge's durable state: the outbox of capture records to forward, and each device's history.
 
-One SQLite file in WAL mode. A commit is durable once the WAL is fsync'd, which a thread of its own
-does for every commit made meanwhile (group commit, `_WalSync`): `record()` returns once its commit
-is fsync'd, or at once with `durable=False` for a caller that awaits `synced()` before it answers,
-so the event loop goes on serving while the disk syncs. A message acknowledged that way survives
-SIGKILL and power loss. Every table and index a commit touches is at least one page
-written to the WAL, so the tables have only the indexes they cannot do without: a message costs
-five pages (seen and its time index, history and its key, the outbox). The WAL is copied into the
-database file by a thread of its own (see `_checkpoint_continually`).
+One SQLite file in WAL mode, written one request at a time: a `record()` call is one outbox row
+(its records, Avro-encoded, one after another) and one `accepted` row (the dedupe key, cycle,
+lifetime and values of each message it accepted), so a batch of 500 messages costs two inserts,
+not a thousand index updates. What the hot path asks of that state (was this message seen? what
+is this device's lifetime so far?) is answered from memory, loaded from the file at start and
+changed only after each commit.
+
+A commit is durable once the WAL is fsync'd, which a thread of its own does for every commit made
+meanwhile (group commit, `_WalSync`): `record()` returns once its commit is fsync'd, or at once
+with `durable=False` for a caller that awaits `synced()` before it answers, so the event loop goes
+on serving while the disk syncs. A message acknowledged that way survives SIGKILL and power loss.
+The WAL is copied into the database file by a thread of its own (see `_checkpoint_continually`).
 
 Writes from every thread share one connection guarded by a lock: SQLite lets one writer in at a
 time anyway, and per-thread connections would only add SQLITE_BUSY waits between threads of one
 process. Reads for other threads (the forwarder, metrics) use a second connection, which in WAL
 mode neither waits for the writer nor holds it up; the checkpointer has its own.
 
-The outbox's sequence numbers are AUTOINCREMENT: they never repeat, even once every row has been
-shipped and deleted, because the forwarder names landing-zone files by them and a reused number
-would make a new file look like one already delivered. A `shipment` row pins the file being sent
-(name and sequence range) before it is sent, so a resend after a crash carries the same records
-under the same name, whatever was recorded since.
+Every record has a sequence number, the outbox row's `first_seq` plus its place in the row. They
+never repeat, even once every row has been shipped and deleted (the last one given is kept in
+`meta`), because the forwarder names landing-zone files by them and a reused number would make a
+new file look like one already delivered. A `shipment` row pins the file being sent (name and
+sequence range, whole outbox rows) before it is sent, so a resend after a crash carries the same
+records under the same name, whatever was recorded since.
 
-History keeps only each device's current lifetime: a failure event closes it and deletes it. The
-`seen` table remembers every recorded (device, message id) for dedupe: those of the current
-lifetime always, older ones for `dedupe_window_seconds`.
+Each accepted message carries its device's lifetime number; a failure event closes the lifetime
+(`lifetimes` counts them), so an entry is in the current lifetime exactly when its number is the
+device's. Dedupe remembers every (device, message id) of a current lifetime, and the others for
+`dedupe_window_seconds` after they were recorded; `purge` forgets older ones and deletes the
+`accepted` rows that hold nothing else. The keys are held in memory (about 200 bytes each), so
+the window bounds the memory as well as the file.
 """
 
 from __future__ import annotations
@@ -37,23 +45,31 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
+
+import orjson
 
 from turbofan_core.capture import CaptureRecord, encode_record
 from turbofan_core.telemetry import MEASUREMENTS
 
-DEFAULT_DEDUPE_WINDOW_SECONDS = 7 * 24 * 3600.0
-FORMAT = "2"  # 2: the outbox holds Avro-encoded records
+# A device behind an IoT Edge hub resends for at most the hub's timeToLiveSecs (7200 s by
+# default): a day is twelve times that.
+DEFAULT_DEDUPE_WINDOW_SECONDS = 24 * 3600.0
+FORMAT = "3"  # 2: a row per record; 3: a row per request, dedupe and histories in memory
 CHECKPOINT_SECONDS = 0.5
 log = logging.getLogger(__name__)
 
+# Columns after a large blob are read through its overflow pages: blobs come last.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    record BLOB NOT NULL,  -- the capture record in Avro's binary encoding (capture.encode_record)
-    queued_at REAL NOT NULL
+    first_seq INTEGER PRIMARY KEY,  -- the sequence number of its first record, the others after it
+    count INTEGER NOT NULL,
+    queued_at REAL NOT NULL,
+    lengths BLOB NOT NULL,  -- of each record, uint32 little-endian
+    records BLOB NOT NULL  -- the records one after another, Avro-encoded (capture.encode_record)
 );
 CREATE TABLE IF NOT EXISTS shipment (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -61,20 +77,16 @@ CREATE TABLE IF NOT EXISTS shipment (
     first_seq INTEGER NOT NULL,
     last_seq INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS seen (
-    device_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    seen_at REAL NOT NULL,
-    PRIMARY KEY (device_id, message_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at);
-CREATE TABLE IF NOT EXISTS history (
-    device_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    cycle INTEGER NOT NULL,
-    vals BLOB NOT NULL,  -- float64 values in MEASUREMENTS order
-    PRIMARY KEY (device_id, message_id)
+CREATE TABLE IF NOT EXISTS accepted (
+    seq INTEGER PRIMARY KEY,  -- the sequence number of the request's first record
+    accepted_at REAL NOT NULL,
+    entries BLOB NOT NULL,  -- JSON: [[device id, message id, cycle, lifetime, failure], ...]
+    vals BLOB NOT NULL  -- the telemetry entries' values in order, float64 in MEASUREMENTS order
 );
+CREATE TABLE IF NOT EXISTS lifetimes (
+    device_id TEXT PRIMARY KEY,
+    closed INTEGER NOT NULL  -- failure events so far: the number of the current lifetime
+) WITHOUT ROWID;
 """
 
 
@@ -126,15 +138,11 @@ class Shipment:
     last_seq: int
 
 
-# A history row's values: float64 in MEASUREMENTS order, native byte order (as array("d") wrote
-# them), packed three times faster than through an array.
+# Values as float64 in MEASUREMENTS order, native byte order (as array("d") wrote them).
 _VALUES = struct.Struct(f"={len(MEASUREMENTS)}d")
-_OUTBOX_INSERT = "INSERT INTO outbox (record, queued_at) VALUES (?, ?)"
-# Records are queued in time order, so the first is the oldest: no index on queued_at to update
-# on every commit (each index is one more page written per commit).
-_OLDEST = "SELECT queued_at FROM outbox ORDER BY seq LIMIT 1"
+_OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
 _LAST_SEQ = 2**63 - 1  # SQLite's largest integer: no upper bound on a sequence number
-DELETE_CHUNK = 250  # outbox rows deleted per transaction once shipped: commits wait a ms at most
+DELETE_CHUNK = 100  # outbox rows deleted per transaction once shipped: commits wait a ms at most
 
 
 class _WalSync:
@@ -250,6 +258,25 @@ def _sync_failed(error: OSError | None) -> OSError:
     return OSError(f"the store's disk failed to sync: {error}")
 
 
+def _split(lengths: bytes, records: bytes) -> list[bytes]:
+    """An outbox row's records."""
+    ends = list(accumulate(struct.unpack(f"<{len(lengths) // 4}I", lengths)))
+    return [records[start:end] for start, end in zip([0, *ends], ends, strict=False)]
+
+
+@dataclass
+class _Accepted:
+    """What one `record()` call changes in memory, applied once its commit succeeded."""
+
+    seq: int = 0  # its `accepted` row
+    keys: set[tuple[str, str]] = field(default_factory=set)  # (device, message id) accepted
+    history: list[tuple[str, str, int, bytes]] = field(
+        default_factory=list
+    )  # device, message id, cycle, values
+    closed: dict[str, int] = field(default_factory=dict)  # failure events per device, after this call
+    records: int = 0  # queued for forwarding
+
+
 class EdgeStore:
     """The outbox and device histories in the SQLite file `path`; safe to share between threads."""
 
@@ -264,6 +291,12 @@ class EdgeStore:
         self.dedupe_window_seconds = dedupe_window_seconds
         self.clock = clock
         self._lock = threading.Lock()
+        # In memory, under the lock, changed only after a commit: (device, message id) -> the
+        # `accepted` row that recorded it; each device's current lifetime (message id -> cycle and
+        # values, in arrival order); failure events per device so far.
+        self._seen: dict[tuple[str, str], int] = {}
+        self._history: dict[str, dict[str, tuple[int, bytes]]] = {}
+        self._closed: dict[str, int] = {}
         # Autocommit mode: transactions are opened explicitly, so none is left open by accident.
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -279,9 +312,11 @@ class EdgeStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", [FORMAT])
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
-                [(self.store_id,)] = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchall()
+                for key, value in (("format", FORMAT), ("store_id", uuid.uuid4().hex), ("last_seq", "0")):
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", [key, value])
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                self.store_id, self._last_seq = meta["store_id"], int(meta["last_seq"])
+                self._load(conn)
         except BaseException:
             self._sync.close()
             self._conn.close()
@@ -294,10 +329,32 @@ class EdgeStore:
         self._checkpointer = threading.Thread(target=self._checkpoint_continually, daemon=True)
         self._checkpointer.start()
 
+    def _load(self, conn: sqlite3.Connection) -> None:
+        """Dedupe keys and current lifetimes from the `accepted` rows (see `purge` for which keys)."""
+        self._closed = dict(conn.execute("SELECT device_id, closed FROM lifetimes").fetchall())
+        cutoff = self.clock() - self.dedupe_window_seconds
+        rows = conn.execute("SELECT seq, accepted_at, entries, vals FROM accepted ORDER BY seq")
+        for seq, accepted_at, entries, vals in rows:
+            at = 0
+            for device, message_id, cycle, lifetime, failure in orjson.loads(entries):
+                current = lifetime == self._closed.get(device, 0)
+                if not failure:
+                    if current:
+                        self._history.setdefault(device, {})[message_id] = (
+                            cycle,
+                            vals[at : at + _VALUES.size],
+                        )
+                    at += _VALUES.size
+                if (current and not failure) or accepted_at >= cutoff:
+                    self._seen[device, message_id] = seq
+
     @contextmanager
-    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction, holding the lock; committed on success, and with `durable`
-        fsync'd before this returns (otherwise `synced()` waits for it)."""
+    def _transaction(
+        self, durable: bool = True, after_commit: Callable[[], None] | None = None
+    ) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the lock; committed on success, then `after_commit` is run
+        (still holding the lock), and with `durable` fsync'd before this returns (otherwise
+        `synced()` waits for it)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -307,6 +364,8 @@ class EdgeStore:
                 if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
                     self._conn.execute("ROLLBACK")
                 raise
+            if after_commit is not None:
+                after_commit()
             ticket = self._sync.committed()
         if durable:
             self._sync.wait(ticket)
@@ -314,11 +373,6 @@ class EdgeStore:
     async def synced(self) -> None:
         """Return once every commit made so far is fsync'd; OSError if the disk failed to sync."""
         await self._sync.wait_async(self._sync.committed_so_far())
-
-    def _query(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
-        """A read on the writer's connection: it sees what this process just committed."""
-        with self._lock:
-            return self._conn.execute(sql, parameters).fetchall()
 
     def _read(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
         """A read beside the writer (committed data only), for other threads."""
@@ -386,116 +440,140 @@ class EdgeStore:
                     f"{record.device_id}/{record.message_id}"
                 )
         flags: list[bool] = []
-        with self._transaction(durable) as conn:
-            now = self.clock()
-            if self._record_new_telemetry(conn, entries, now):
-                return [True] * len(entries)
+        records: list[bytes] = []
+        rows: list[list[object]] = []
+        vals: list[bytes] = []
+        changes = _Accepted()
+        with self._transaction(durable, after_commit=lambda: self._apply(changes)) as conn:
             for record, entry in entries:
                 if entry is not None:
-                    inserted = conn.execute(
-                        "INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", [*entry.key, now]
-                    ).rowcount
-                    if not inserted:
+                    key = entry.key
+                    if key in self._seen or key in changes.keys:
                         flags.append(False)
                         continue
-                    if entry.failure:  # closes the lifetime: only the current one is kept
-                        conn.execute("DELETE FROM history WHERE device_id = ?", [entry.device_id])
+                    changes.keys.add(key)
+                    device = entry.device_id
+                    closed = changes.closed.get(device, self._closed.get(device, 0))
+                    rows.append([device, entry.message_id, entry.cycle, closed, entry.failure])
+                    if entry.failure:
+                        changes.closed[device] = closed + 1
+                        changes.history = [h for h in changes.history if h[0] != device]
                     else:
-                        conn.execute(
-                            "INSERT INTO history VALUES (?, ?, ?, ?)",
-                            [
-                                entry.device_id,
-                                entry.message_id,
-                                entry.cycle,
-                                _VALUES.pack(*entry.values),
-                            ],
-                        )
-                conn.execute(_OUTBOX_INSERT, [encode_record(record), now])
+                        packed = _VALUES.pack(*entry.values)
+                        vals.append(packed)
+                        changes.history.append((device, entry.message_id, entry.cycle, packed))
+                records.append(encode_record(record))
                 flags.append(True)
+            now = self.clock()
+            if records:
+                lengths = struct.pack(f"<{len(records)}I", *map(len, records))
+                conn.execute(
+                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+                    [self._last_seq + 1, len(records), now, lengths, b"".join(records)],
+                )
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(self._last_seq + len(records))]
+                )
+            if rows:
+                changes.seq = self._last_seq + 1  # its first record's: never repeats
+                conn.execute(
+                    "INSERT INTO accepted VALUES (?, ?, ?, ?)",
+                    [changes.seq, now, orjson.dumps(rows), b"".join(vals)],
+                )
+            conn.executemany(
+                "INSERT INTO lifetimes VALUES (?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET closed = excluded.closed",
+                changes.closed.items(),
+            )
+            changes.records = len(records)
         return flags
 
-    @staticmethod
-    def _record_new_telemetry(
-        conn: sqlite3.Connection, entries: list[tuple[CaptureRecord, HistoryEntry | None]], now: float
-    ) -> bool:
-        """The usual batch (telemetry the caller found new) in three statements; False (nothing
-        written) when any entry is a failure event, has no history entry, or was seen after all."""
-        if not entries or any(entry is None or entry.failure for _, entry in entries):
-            return False
-        keys = [(*entry.key, now) for _, entry in entries]
-        conn.execute("SAVEPOINT new_telemetry")
-        before = conn.total_changes
-        conn.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", keys)
-        if conn.total_changes - before != len(keys):  # a repeat after all: the careful path decides
-            conn.execute("ROLLBACK TO new_telemetry")
-            conn.execute("RELEASE new_telemetry")
-            return False
-        conn.execute("RELEASE new_telemetry")
-        conn.executemany(
-            "INSERT INTO history VALUES (?, ?, ?, ?)",
-            [(e.device_id, e.message_id, e.cycle, _VALUES.pack(*e.values)) for _, e in entries],
-        )
-        conn.executemany(_OUTBOX_INSERT, [(encode_record(record), now) for record, _ in entries])
-        return True
+    def _apply(self, changes: _Accepted) -> None:
+        for device, closed in changes.closed.items():
+            self._closed[device] = closed
+            self._history.pop(device, None)
+        for device, message_id, cycle, packed in changes.history:
+            self._history.setdefault(device, {})[message_id] = (cycle, packed)
+        for key in changes.keys:
+            self._seen[key] = changes.seq
+        self._last_seq += changes.records
 
     def seen_many(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Which (device id, message id) pairs were recorded, in one query per 10,000."""
-        found: set[tuple[str, str]] = set()
-        for start in range(0, len(keys), 10_000):
-            chunk = keys[start : start + 10_000]
-            values = ", ".join("(?, ?)" for _ in chunk)
-            found.update(
-                self._query(
-                    # A join, so that each pair is one lookup in the primary key, not a scan of `seen`.
-                    f"SELECT s.device_id, s.message_id FROM (VALUES {values}) AS v "
-                    "JOIN seen AS s ON s.device_id = v.column1 AND s.message_id = v.column2",
-                    [part for key in chunk for part in key],
-                )
-            )
-        return found
+        """Which (device id, message id) pairs were recorded."""
+        with self._lock:
+            return {key for key in keys if key in self._seen}
 
     def seen(self, device_id: str, message_id: str) -> bool:
-        return bool(
-            self._query("SELECT 1 FROM seen WHERE device_id = ? AND message_id = ?", [device_id, message_id])
-        )
+        return bool(self.seen_many([(device_id, message_id)]))
 
     def lifetime_history(self, device_id: str) -> list[HistoryEntry]:
         """The device's telemetry since its last failure event, by cycle (then arrival)."""
-        rows = self._query(
-            "SELECT message_id, cycle, vals FROM history WHERE device_id = ? ORDER BY cycle, rowid",
-            [device_id],
-        )
-        return [
-            HistoryEntry(device_id, message_id, cycle, _VALUES.unpack(vals), False)
-            for message_id, cycle, vals in rows
+        with self._lock:
+            stored = list(self._history.get(device_id, {}).items())
+        entries = [
+            HistoryEntry(device_id, message_id, cycle, _VALUES.unpack(packed), False)
+            for message_id, (cycle, packed) in stored
         ]
+        return sorted(entries, key=lambda entry: entry.cycle)
 
     def devices(self) -> list[str]:
         """Devices with telemetry in their current lifetime."""
-        return [
-            device for (device,) in self._read("SELECT DISTINCT device_id FROM history ORDER BY device_id")
-        ]
+        with self._lock:
+            return sorted(device for device, history in self._history.items() if history)
 
     def purge(self) -> int:
-        """Forget message ids older than the dedupe window, except the current lifetimes'; return how many."""
-        with self._transaction() as conn:
-            return conn.execute(
-                "DELETE FROM seen WHERE seen_at < ? AND NOT EXISTS (SELECT 1 FROM history h "
-                "WHERE h.device_id = seen.device_id AND h.message_id = seen.message_id)",
-                [self.clock() - self.dedupe_window_seconds],
-            ).rowcount
+        """Forget message ids older than the dedupe window, except the current lifetimes'; return how
+        many. An `accepted` row older than the window that holds none of a current lifetime is deleted."""
+        forgotten: list[tuple[str, str]] = []
+
+        def forget() -> None:
+            for key in forgotten:
+                del self._seen[key]
+
+        with self._transaction(after_commit=forget) as conn:
+            cutoff = self.clock() - self.dedupe_window_seconds
+            done = []
+            for seq, entries in conn.execute(
+                "SELECT seq, entries FROM accepted WHERE accepted_at < ?", [cutoff]
+            ):
+                current = False
+                for device, message_id, _, lifetime, failure in orjson.loads(entries):
+                    if not failure and lifetime == self._closed.get(device, 0):
+                        current = True
+                    elif self._seen.get((device, message_id)) == seq:  # not recorded again since
+                        forgotten.append((device, message_id))
+                if not current:
+                    done.append((seq,))
+            conn.executemany("DELETE FROM accepted WHERE seq = ?", done)
+        return len(forgotten)
 
     # --- outbox -----------------------------------------------------------------------------------
 
     def take(
         self, limit: int, up_to_seq: int | None = None, after_seq: int = 0
     ) -> list[tuple[int, bytes, float]]:
-        """The oldest queued records (at most `limit`, after `after_seq`, none after `up_to_seq`):
-        seq, the record encoded (`capture.avro_file` makes them a file), queued_at."""
-        return self._read(
-            "SELECT seq, record, queued_at FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            [after_seq, _LAST_SEQ if up_to_seq is None else up_to_seq, limit],
-        )
+        """The oldest queued records (after `after_seq`, none after `up_to_seq`), whole outbox rows
+        until there are at least `limit`: seq, the record encoded (`capture.avro_file` makes them a
+        file), queued_at."""
+        found: list[tuple[int, bytes, float]] = []
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT first_seq, queued_at, lengths, records FROM outbox "
+                "WHERE first_seq > ? AND first_seq <= ? "
+                "ORDER BY first_seq",
+                [after_seq, _LAST_SEQ if up_to_seq is None else up_to_seq],
+            )
+            try:
+                for first_seq, queued_at, lengths, records in rows:
+                    found += [
+                        (seq, record, queued_at)
+                        for seq, record in enumerate(_split(lengths, records), first_seq)
+                    ]
+                    if len(found) >= limit:
+                        break
+            finally:
+                rows.close()  # ends the read transaction
+        return found
 
     def begin_shipment(self, shipment: Shipment) -> None:
         """Pin the file about to be sent, so a resend after a crash is the same file."""
@@ -513,15 +591,15 @@ class EdgeStore:
     def mark_shipped(self, up_to_seq: int) -> None:
         """Delete the records up to `up_to_seq`, then the pinned shipment: they are in the landing zone.
 
-        DELETE_CHUNK records per transaction, so commits of new messages wait for one chunk, not a
+        DELETE_CHUNK rows per transaction, so commits of new messages wait for one chunk, not a
         whole file's. After a crash midway the shipment is still pinned: its resend holds the
         records left, under the same name, which the landing zone refuses, and this finishes.
         """
         while True:
             with self._transaction() as conn:
                 deleted = conn.execute(
-                    "DELETE FROM outbox WHERE seq IN "
-                    "(SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq LIMIT ?)",
+                    "DELETE FROM outbox WHERE first_seq IN "
+                    "(SELECT first_seq FROM outbox WHERE first_seq <= ? ORDER BY first_seq LIMIT ?)",
                     [up_to_seq, DELETE_CHUNK],
                 ).rowcount
                 if deleted < DELETE_CHUNK:
@@ -540,13 +618,17 @@ class EdgeStore:
         if oldest is None or oldest >= older_than:
             return 0
         with self._transaction() as conn:
-            return conn.execute(
-                "DELETE FROM outbox WHERE seq < coalesce("
-                "(SELECT seq FROM outbox WHERE queued_at >= ? ORDER BY seq LIMIT 1), ?)",
-                [older_than, _LAST_SEQ],
-            ).rowcount
+            expired = (
+                "first_seq < coalesce("
+                "(SELECT first_seq FROM outbox WHERE queued_at >= ? ORDER BY first_seq LIMIT 1), ?)"
+            )
+            [(dropped,)] = conn.execute(
+                f"SELECT coalesce(sum(count), 0) FROM outbox WHERE {expired}", [older_than, _LAST_SEQ]
+            )
+            conn.execute(f"DELETE FROM outbox WHERE {expired}", [older_than, _LAST_SEQ])
+            return dropped
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""
-        [(count, oldest)] = self._read(f"SELECT count(*), ({_OLDEST}) FROM outbox")
-        return count, oldest
+        [(waiting, oldest)] = self._read(f"SELECT coalesce(sum(count), 0), ({_OLDEST}) FROM outbox")
+        return waiting, oldest

@@ -32,9 +32,10 @@ from turbofan_core.storage import BlobStore, LocalStore, blob_store_from_connect
 
 
 def record(store: EdgeStore, device: str, first: int, count: int) -> list[str]:
-    """Record `count` telemetry messages of `device` from cycle `first`; their message ids."""
+    """Record `count` telemetry messages of `device` from cycle `first`, a request each; their ids."""
     cycles = range(first, first + count)
-    assert all(store.record([telemetry(device, f"{device}-{cycle}", cycle) for cycle in cycles]))
+    for cycle in cycles:
+        assert store.record([telemetry(device, f"{device}-{cycle}", cycle)]) == [True]
     return [f"{device}-{cycle}" for cycle in cycles]
 
 
@@ -88,6 +89,11 @@ def test_ships_a_file_when_enough_records_or_the_oldest_is_old_enough(
     assert forwarder.ship_once(force=True) == 2
     assert landing_ids(landing) == first + second
     assert (forwarder.shipped_records, forwarder.shipped_files, forwarder.failures) == (9, 3, 0)
+    # A file holds whole requests: one of 6 messages goes whole, past max_records.
+    entries = [telemetry("B", f"B-{cycle}", cycle) for cycle in range(1, 7)]
+    assert store.record(entries) == [True] * 6
+    assert forwarder.ship_once() == 6
+    assert landing_ids(landing)[-6:] == [record.message_id for record, _ in entries]
 
 
 def test_a_crash_between_creating_and_confirming_a_file_resends_it_under_the_same_name(
@@ -129,7 +135,7 @@ def test_a_shipped_file_leaves_the_outbox_and_a_crash_midway_through_its_deletes
         assert shipment is not None
         landing.create(shipment.name, avro_file(record for _, record, _ in store.take(5)))
     with sqlite3.connect(tmp_path / "edge.sqlite") as conn:  # the edge died after one chunk's delete
-        conn.execute("DELETE FROM outbox WHERE seq <= 7")
+        conn.execute("DELETE FROM outbox WHERE first_seq <= 7")
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
         forwarder = Forwarder(store, landing, clock=clock)
         assert forwarder.ship_once(force=True) == 3  # the rest, under the same name: refused, marked

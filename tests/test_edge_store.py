@@ -136,27 +136,65 @@ def test_purge_forgets_old_lifetimes_ids_after_the_window(tmp_path: Path) -> Non
         assert not store.seen("A", "old") and not store.seen("A", "f")
         assert store.seen("A", "current") and store.seen("A", "recent")
         assert store.record([telemetry("A", "current", 1), telemetry("A", "old", 1)]) == [False, True]
+        # "old" is in the current lifetime again: a later purge reads the first request once more (it
+        # holds "current") and must not forget "old" for the copy of the closed lifetime it holds.
+        clock.now += 200
+        assert store.purge() == 0
+    with EdgeStore(tmp_path / "edge.sqlite", dedupe_window_seconds=100.0, clock=clock) as reopened:
+        assert reopened.seen("A", "old") and reopened.seen("A", "current")
+        assert not reopened.seen("A", "f")
+
+
+def test_a_restart_rebuilds_dedupe_and_lifetimes_from_the_file(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "edge.sqlite"
+    with EdgeStore(path, dedupe_window_seconds=100.0, clock=clock) as store:
+        # One request holds both devices; A's lifetime closes in a later one.
+        store.record([telemetry("A", "a1", 1), telemetry("B", "b1", 1), telemetry("A", "a2", 2)])
+        store.record([failure("A", "fa", 2), telemetry("A", "a3", 1)])
+        before = {device: store.lifetime_history(device) for device in ("A", "B")}
+    with EdgeStore(path, dedupe_window_seconds=100.0, clock=clock) as store:
+        assert {device: store.lifetime_history(device) for device in ("A", "B")} == before
+        assert cycles(store, "A") == [1] and [e.message_id for e in store.lifetime_history("A")] == ["a3"]
+        assert all(store.seen("A", m) for m in ("a1", "a2", "fa", "a3")) and store.seen("B", "b1")
+        clock.now += 101  # past the window: only the current lifetimes' ids are remembered
+    with EdgeStore(path, dedupe_window_seconds=100.0, clock=clock) as store:
+        assert [store.seen("A", m) for m in ("a1", "a2", "fa", "a3")] == [False, False, False, True]
+        assert store.seen("B", "b1") and cycles(store, "B") == [1]
+        assert store.purge() == 0  # the restart forgot what the purge would have
+        assert store.record([telemetry("A", "a1", 2)]) == [True]  # a new message now
+        assert cycles(store, "A") == [1, 2]
+        store.record([failure("A", "fa2", 3), failure("B", "fb", 2)])
+        clock.now += 101
+        assert store.purge() == 5  # b1, a3, a1, fa2, fb: no lifetime is open any more
+    with sqlite3.connect(path) as conn:  # and nothing is kept for them
+        assert conn.execute("SELECT count(*) FROM accepted").fetchone() == (0,)
 
 
 def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
     clock = FakeClock(100.0)
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
         assert store.backlog() == (0, None)
-        store.record([telemetry("A", "m1", 1), telemetry("A", "m2", 2)])
+        store.record([telemetry("A", "m1", 1), telemetry("A", "m2", 2)])  # records 1 and 2, one row
+        clock.now = 150.0
+        store.record([telemetry("A", "m3", 3)])
         clock.now = 200.0
-        store.record([telemetry("A", "m3", 3), malformed("A", "x")])
-        assert store.backlog() == (4, 100.0)
-        assert [(seq, queued) for seq, _, queued in store.take(3)] == [(1, 100.0), (2, 100.0), (3, 200.0)]
-        assert [seq for seq, _, _ in store.take(10, up_to_seq=2)] == [1, 2]
-        store.mark_shipped(1)
-        assert store.expire(200.0) == 1  # m2: queued at 100
+        store.record([telemetry("A", "m4", 4), malformed("A", "x")])
+        assert store.backlog() == (5, 100.0)
+        # Whole requests: a file never splits one.
+        assert [(seq, queued) for seq, _, queued in store.take(1)] == [(1, 100.0), (2, 100.0)]
+        assert [seq for seq, _, _ in store.take(3)] == [1, 2, 3]
+        assert [seq for seq, _, _ in store.take(10, up_to_seq=3)] == [1, 2, 3]
+        assert [seq for seq, _, _ in store.take(10, after_seq=2)] == [3, 4, 5]
+        store.mark_shipped(2)
+        assert store.expire(200.0) == 1  # m3: queued at 150
         assert store.backlog() == (2, 200.0)
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
-        store.mark_shipped(4)
+        store.mark_shipped(5)
         assert store.backlog() == (0, None)
-        store.record([telemetry("A", "m4", 4)])
+        store.record([telemetry("A", "m5", 5)])
         # Sequence numbers never come back, even once the outbox was empty: files are named by them.
-        assert [seq for seq, _, _ in store.take(10)] == [5]
+        assert [seq for seq, _, _ in store.take(10)] == [6]
 
 
 def test_after_a_failed_fsync_no_commit_is_acknowledged() -> None:
@@ -193,10 +231,13 @@ def test_a_store_of_another_format_is_refused_at_start_and_left_as_it_is(tmp_pat
         old.execute("INSERT INTO meta VALUES ('store_id', 'abc')")
         old.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, enqueued_time_utc TEXT, body BLOB)")
         old.execute("INSERT INTO outbox VALUES (1, '2026-11-27T00:00:00.0000000Z', x'7b7d')")
-    with pytest.raises(StoreFormatError, match="format 1, this edge writes format 2"):
+    with pytest.raises(StoreFormatError, match="format 1, this edge writes format 3"):
         EdgeStore(path)
     with sqlite3.connect(path) as old:
         assert old.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+        old.execute("INSERT INTO meta VALUES ('format', '2')")  # the second: a row per record
+    with pytest.raises(StoreFormatError, match="format 2, this edge writes format 3"):
+        EdgeStore(path)
     with EdgeStore(tmp_path / "new.sqlite"):
         pass
     with EdgeStore(tmp_path / "new.sqlite") as reopened:  # its own format opens again
