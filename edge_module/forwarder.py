@@ -18,30 +18,27 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from edge_module.store import EdgeStore, Shipment
-from turbofan_core.capture import avro_file
+from edge_module.store import EdgeStore, Queued, Shipment
+from turbofan_core.capture import avro_file_of_runs
 from turbofan_core.storage import NameTaken, ObjectStore
 
 log = logging.getLogger(__name__)
 
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
-# The forwarder reads and compresses a file this many records at a time, pausing in between, so it
-# never takes the interpreter or a core from the requests for long: one 5,000-record file is about
-# 10 ms of reading and 25 ms of compression (docs/benchmarks.md).
+# The forwarder reads a file's requests this many records at a time, pausing in between, so that
+# single-message requests (a row each) never hold the interpreter from the requests for long. Its
+# compression lets go of the interpreter.
 PACE_RECORDS = 250
 PACE_SECONDS = 0.002
 _SECRET = re.compile(r"(?i)\b(sig|accountkey|sharedaccesssignature|sharedaccesskey)=[^&;\s]+")
 
 
-def _paced(records: Iterator[bytes]) -> Iterator[bytes]:
-    """The records, with a pause every PACE_RECORDS: a file is compressed a few blocks at a time."""
-    for index, record in enumerate(records):
-        if index and index % PACE_RECORDS == 0:
-            time.sleep(PACE_SECONDS)
-        yield record
+def capture_file(queued: list[Queued]) -> bytes:
+    """The landing-zone file of outbox requests, in IoT Hub's capture format."""
+    return avro_file_of_runs((request.count, request.records) for request in queued)
 
 
 def describe(error: BaseException) -> str:
@@ -110,39 +107,43 @@ class Forwarder:
                 )
                 if count == 0 or not (due or force):
                     return 0
-                rows = self._take(self.max_records)
-                shipment = Shipment(self.file_name(rows[0][0], rows[-1][0]), rows[0][0], rows[-1][0])
+                queued = self._take(self.max_records)
+                first, last = queued[0].first_seq, queued[-1].last_seq
+                shipment = Shipment(self.file_name(first, last), first, last)
                 self.store.begin_shipment(shipment)
             else:
-                rows = self._take(shipment.last_seq - shipment.first_seq + 1, up_to_seq=shipment.last_seq)
-                if not rows:  # all of it expired meanwhile
+                queued = self._take(shipment.last_seq - shipment.first_seq + 1, up_to_seq=shipment.last_seq)
+                if not queued:  # all of it expired meanwhile
                     self.store.mark_shipped(shipment.last_seq)
                     return 0
+            records = sum(request.count for request in queued)
             try:
-                self.landing.create(shipment.name, avro_file(_paced(record for _, record, _ in rows)))
+                self.landing.create(shipment.name, capture_file(queued))
             except NameTaken:
                 pass  # sent before a crash or a lost answer: the file is there already
             except Exception as error:  # the landing zone's (OSError, AzureError, ...): retry later
                 self._failed(error, now)
                 return 0
             self.store.mark_shipped(shipment.last_seq)
-            self.shipped_records += len(rows)
+            self.shipped_records += records
             self.shipped_files += 1
             self.backoff_seconds = 0.0
             self.retry_at = 0.0
-            return len(rows)
+            return records
 
-    def _take(self, limit: int, up_to_seq: int | None = None) -> list[tuple[int, bytes, float]]:
-        """`store.take`, PACE_RECORDS at a time (whole requests) with a pause between (see `_paced`)."""
-        rows: list[tuple[int, bytes, float]] = []
-        while len(rows) < limit:
-            after = rows[-1][0] if rows else 0
-            page = self.store.take(min(PACE_RECORDS, limit - len(rows)), up_to_seq, after_seq=after)
-            rows += page
-            if len(page) < PACE_RECORDS:
+    def _take(self, limit: int, up_to_seq: int | None = None) -> list[Queued]:
+        """`store.take`, PACE_RECORDS at a time with a pause between."""
+        queued: list[Queued] = []
+        while limit > 0:
+            if queued:
+                time.sleep(PACE_SECONDS)
+            after = queued[-1].last_seq if queued else 0
+            page = self.store.take(min(PACE_RECORDS, limit), up_to_seq, after_seq=after)
+            if not page:
                 break
-            time.sleep(PACE_SECONDS)
-        return rows
+            queued += page
+            limit -= sum(request.count for request in page)
+        return queued
 
     def _failed(self, error: BaseException, now: float) -> None:
         self.failures += 1

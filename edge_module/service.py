@@ -22,7 +22,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -125,22 +125,20 @@ class _Metrics:
         )
 
 
-@dataclass
 class _Checked:
-    """One incoming message on its way through `Edge.receive`: its answer, and what to forward."""
+    """One incoming message on its way through `Edge.receive`: its answer, and what to forward (a
+    plain class with slots: one is made per message)."""
 
-    device_id: str
-    body: bytes
-    properties: dict[str, str]
-    message_id: str
-    content_type: str | None
-    content_encoding: str | None
-    entry: HistoryEntry | None = None  # a valid, new message
-    forward: bool = True
-    result: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("index", "message", "message_id", "entry", "forward", "result", "properties")
 
-    def __post_init__(self) -> None:
-        self.result["message_id"] = self.message_id
+    def __init__(self, index: int, message: Incoming, message_id: str) -> None:
+        self.index = index  # in the request
+        self.message = message
+        self.message_id = message_id  # the message's own, or one derived from its bytes
+        self.entry: HistoryEntry | None = None  # a valid, new message
+        self.forward = True
+        self.result: dict[str, Any] = {"message_id": message_id}
+        self.properties = message.properties  # forwarded with it: the device's, and once scored, the score
 
     @property
     def scorable(self) -> bool:
@@ -149,12 +147,11 @@ class _Checked:
     def score(self, row: list[float], model: LoadedModel) -> None:
         point, low, high = row
         version = model.reference.version
-        self.result |= {
-            "status": "scored",
-            "rul": {"p50": point, "p10": low, "p90": high},
-            "model_version": version,
-        }
-        self.properties |= {"rul_p50": f"{point:.3f}", "model_version": version}
+        result = self.result
+        result["status"] = "scored"
+        result["rul"] = {"p50": point, "p10": low, "p90": high}
+        result["model_version"] = version
+        self.properties = {**self.properties, "rul_p50": f"{point:.3f}", "model_version": version}
 
 
 class Edge:
@@ -206,21 +203,30 @@ class Edge:
         return self._current_devices().get(device_id) is not None
 
     def authenticate(self, authorization: str | None) -> str:
-        """The device the SAS token names, in the registry as it is now.
+        """The device the SAS token names, in the registry as it is now."""
+        return self.authenticate_each([authorization])[authorization]
+
+    def authenticate_each(self, tokens: list[str | None]) -> dict[str | None, str]:
+        """The device each SAS token names, in the registry as it is now (read once for all of them);
+        AuthError for the first token refused.
 
         A verified token is remembered until it expires (or the registry changes): a device sends
         thousands of messages with one token, and each check is an HMAC.
         """
         now = time.time()
         devices = self._current_devices()
-        known = self._verified.get(authorization or "")
-        if known is not None and known[1] > now:
-            return known[0]
-        device = device_from_authorization(authorization, devices, now=now)
-        if len(self._verified) > MAX_VERIFIED_TOKENS:
-            self._verified.clear()
-        self._verified[authorization] = (device, token_expiry(authorization.strip()))
-        return device
+        found: dict[str | None, str] = {}
+        for authorization in tokens:
+            known = self._verified.get(authorization or "")
+            if known is not None and known[1] > now:
+                found[authorization] = known[0]
+                continue
+            device = device_from_authorization(authorization, devices, now=now)
+            if len(self._verified) > MAX_VERIFIED_TOKENS:
+                self._verified.clear()
+            self._verified[authorization] = (device, token_expiry(authorization.strip()))
+            found[authorization] = device
+        return found
 
     def _desired(self) -> ModelReference | None:
         path = self.config.state_dir / DESIRED_MODEL
@@ -262,18 +268,19 @@ class Edge:
         """
         with self._lock:
             model = self.slot.current
-            checked = self._check(messages)
-            telemetry = [c.entry for c in checked if c.scorable]
+            checked, measurements = self._check(messages)
+            scored = [c for c in checked if c.scorable]
+            telemetry = [c.entry for c in scored]
             failures = any(c.entry is not None and c.entry.failure for c in checked)
             if model is None or self._features is None:
                 self._record(checked, durable)
             elif not failures and self._features.in_order(telemetry):
                 if telemetry:
-                    scores = model.bundle.predict_matrix(self._features.features_many(telemetry))
-                    scored = [c for c in checked if c.scorable]
+                    values = measurements[[c.index for c in scored]]
+                    scores = model.bundle.predict_matrix(self._features.features_many(telemetry, values))
                     for item, row in zip(scored, scores.tolist(), strict=True):
                         item.score(row, model)
-                    self._place_in_regimes(scored, model)
+                    self._place_in_regimes(scored, model, values)
                 self._record(checked, durable)
             else:
                 for item in checked:
@@ -282,47 +289,43 @@ class Edge:
                     elif item.scorable:
                         scores = model.bundle.predict_matrix(self._features.features(item.entry))
                         item.score(scores[0].tolist(), model)
-                        self._place_in_regimes([item], model)
+                        self._place_in_regimes([item], model, measurements[[item.index]])
                     self._record([item], durable)
         for status, count in Tally(item.result["status"] for item in checked).items():
             self.metrics.messages.labels(status).inc(count)
         return [item.result for item in checked]
 
-    def _place_in_regimes(self, scored: list[_Checked], model: LoadedModel) -> None:
-        """Name each scored message's operating regime, flagging (and counting) one whose settings
-        lie far from every regime the model learnt: it is scored all the same."""
+    def _place_in_regimes(self, scored: list[_Checked], model: LoadedModel, values: np.ndarray) -> None:
+        """Name each scored message's operating regime (`values`: their measurements, a row each),
+        flagging (and counting) one whose settings lie far from every regime the model learnt: it
+        is scored all the same."""
         regimes = model.bundle.spec.regimes
         if regimes is None or not scored:
             return
-        columns = [MEASUREMENTS.index(name) for name in regimes.settings]
-        settings = np.array([[item.entry.values[i] for i in columns] for item in scored])
-        nearest, far = regimes.assign(settings)
+        nearest, far = regimes.assign(values[:, [MEASUREMENTS.index(name) for name in regimes.settings]])
         for item, regime, unknown in zip(scored, nearest.tolist(), far.tolist(), strict=True):
             item.result["operating_regime"] = {"nearest": regime, "known": not unknown}
         self.metrics.unknown_regime.inc(int(far.sum()))
 
-    def _check(self, messages: list[Incoming]) -> list[_Checked]:
-        """Validate (the contract's batch checks) and deduplicate, without changing any state."""
+    def _check(self, messages: list[Incoming]) -> tuple[list[_Checked], np.ndarray]:
+        """Validate (the contract's batch checks) and deduplicate, without changing any state; the
+        checked messages and their measurements (a row each, NaN where refused or a failure event)."""
         checked = [
-            _Checked(
-                m.device_id,
-                m.body,
-                dict(m.properties),
-                m.message_id or _derived_id(m.device_id, m.body),
-                m.content_type,
-                m.content_encoding,
-            )
-            for m in messages
+            _Checked(index, m, m.message_id or _derived_id(m.device_id, m.body))
+            for index, m in enumerate(messages)
         ]
         verdicts = check_messages(
-            [c.body for c in checked],
-            [c.device_id for c in checked],
-            [c.properties or None for c in checked],
-            [c.content_type for c in checked],
-            [c.content_encoding for c in checked],
+            [m.body for m in messages],
+            [m.device_id for m in messages],
+            [m.properties or None for m in messages],
+            [m.content_type for m in messages],
+            [m.content_encoding for m in messages],
             [m.parsed for m in messages],
         )
-        seen = self.store.seen_many([(c.device_id, c.message_id) for c in checked])
+        measurements = verdicts.measurements.tolist()
+        seen = self.store.seen_many(
+            [(m.device_id, c.message_id) for m, c in zip(messages, checked, strict=True)]
+        )
         for index, item in enumerate(checked):
             if not verdicts.valid[index]:
                 reason = verdicts.reasons[index]
@@ -331,17 +334,17 @@ class Edge:
                 continue
             cycle = int(verdicts.cycles[index])
             item.result["cycle"] = cycle
-            key = (item.device_id, item.message_id)
+            key = (item.message.device_id, item.message_id)
             if key in seen:
                 item.result["status"] = "duplicate"
                 item.forward = False  # forwarded the first time
                 continue
             seen.add(key)
             failure = bool(verdicts.failure[index])
-            values = () if failure else tuple(verdicts.measurements[index].tolist())
-            item.entry = HistoryEntry(item.device_id, item.message_id, cycle, values, failure)
+            values = () if failure else tuple(measurements[index])
+            item.entry = HistoryEntry(*key, cycle, values, failure)
             item.result["status"] = "failure_event" if failure else "accepted_unscored"
-        return checked
+        return checked, verdicts.measurements
 
     def _record(self, checked: list[_Checked], durable: bool) -> None:
         """Commit what is to be forwarded (and the history it adds) in one transaction."""
@@ -349,12 +352,13 @@ class Edge:
         entries = [
             (
                 device_message(
-                    c.device_id, c.body, now, c.properties, c.message_id, c.content_type, c.content_encoding
+                    m.device_id, m.body, now, c.properties, c.message_id, m.content_type, m.content_encoding
                 ),
                 c.entry,
             )
             for c in checked
             if c.forward
+            for m in (c.message,)
         ]
         try:
             self.store.record(entries, durable)

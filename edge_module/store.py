@@ -46,8 +46,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -68,8 +68,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     first_seq INTEGER PRIMARY KEY,  -- the sequence number of its first record, the others after it
     count INTEGER NOT NULL,
     queued_at REAL NOT NULL,
-    lengths BLOB NOT NULL,  -- of each record, uint32 little-endian
-    records BLOB NOT NULL  -- the records one after another, Avro-encoded (capture.encode_record)
+    records BLOB NOT NULL  -- the records one after another, Avro-encoded (an Avro block's data)
 );
 CREATE TABLE IF NOT EXISTS shipment (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -108,9 +107,9 @@ def _check_format(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
-    """One accepted message of a device, as its streaming features need it."""
+class HistoryEntry(NamedTuple):
+    """One accepted message of a device, as its streaming features need it (a named tuple: the edge
+    makes one per message)."""
 
     device_id: str
     message_id: str
@@ -122,11 +121,6 @@ class HistoryEntry:
     def key(self) -> tuple[str, str]:
         """Its identity for dedupe."""
         return self.device_id, self.message_id
-
-    def __post_init__(self) -> None:
-        expected = 0 if self.failure else len(MEASUREMENTS)
-        if len(self.values) != expected:
-            raise ValueError(f"a {'failure' if self.failure else 'telemetry'} entry has {expected} values")
 
 
 @dataclass(frozen=True)
@@ -214,7 +208,7 @@ class _WalSync:
                 target = self._committed
             error = None
             try:
-                os.fsync(self._fd)
+                os.fdatasync(self._fd)
             except OSError as failure:
                 error = failure
             with self._changed:
@@ -258,10 +252,27 @@ def _sync_failed(error: OSError | None) -> OSError:
     return OSError(f"the store's disk failed to sync: {error}")
 
 
-def _split(lengths: bytes, records: bytes) -> list[bytes]:
-    """An outbox row's records."""
-    ends = list(accumulate(struct.unpack(f"<{len(lengths) // 4}I", lengths)))
-    return [records[start:end] for start, end in zip([0, *ends], ends, strict=False)]
+def _check_entry(entry: HistoryEntry, record: CaptureRecord) -> None:
+    if (record.device_id, record.message_id) != entry.key:
+        raise ValueError(
+            f"entry of {'/'.join(entry.key)} given with a record of {record.device_id}/{record.message_id}"
+        )
+    if len(entry.values) != (0 if entry.failure else len(MEASUREMENTS)):
+        kind = "failure" if entry.failure else "telemetry"
+        raise ValueError(f"a {kind} entry with {len(entry.values)} values")
+
+
+class Queued(NamedTuple):
+    """One request's records in the outbox."""
+
+    first_seq: int
+    count: int
+    queued_at: float
+    records: bytes  # Avro-encoded (capture.encode_record) one after another
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + self.count - 1
 
 
 @dataclass
@@ -433,12 +444,6 @@ class EdgeStore:
         is written and its flag is False. A record without an entry (a malformed message, for
         the warehouse's quarantine) is always queued.
         """
-        for record, entry in entries:
-            if entry is not None and (record.device_id, record.message_id) != entry.key:
-                raise ValueError(
-                    f"entry of {'/'.join(entry.key)} given with a record of "
-                    f"{record.device_id}/{record.message_id}"
-                )
         flags: list[bool] = []
         records: list[bytes] = []
         rows: list[list[object]] = []
@@ -448,6 +453,7 @@ class EdgeStore:
             for record, entry in entries:
                 if entry is not None:
                     key = entry.key
+                    _check_entry(entry, record)
                     if key in self._seen or key in changes.keys:
                         flags.append(False)
                         continue
@@ -466,10 +472,9 @@ class EdgeStore:
                 flags.append(True)
             now = self.clock()
             if records:
-                lengths = struct.pack(f"<{len(records)}I", *map(len, records))
                 conn.execute(
-                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
-                    [self._last_seq + 1, len(records), now, lengths, b"".join(records)],
+                    "INSERT INTO outbox VALUES (?, ?, ?, ?)",
+                    [self._last_seq + 1, len(records), now, b"".join(records)],
                 )
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(self._last_seq + len(records))]
@@ -549,27 +554,21 @@ class EdgeStore:
 
     # --- outbox -----------------------------------------------------------------------------------
 
-    def take(
-        self, limit: int, up_to_seq: int | None = None, after_seq: int = 0
-    ) -> list[tuple[int, bytes, float]]:
-        """The oldest queued records (after `after_seq`, none after `up_to_seq`), whole outbox rows
-        until there are at least `limit`: seq, the record encoded (`capture.avro_file` makes them a
-        file), queued_at."""
-        found: list[tuple[int, bytes, float]] = []
+    def take(self, limit: int, up_to_seq: int | None = None, after_seq: int = 0) -> list[Queued]:
+        """The oldest queued requests (after `after_seq`, none after `up_to_seq`) until they hold
+        `limit` records or more."""
+        found: list[Queued] = []
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT first_seq, queued_at, lengths, records FROM outbox "
-                "WHERE first_seq > ? AND first_seq <= ? "
-                "ORDER BY first_seq",
+                "SELECT first_seq, count, queued_at, records FROM outbox "
+                "WHERE first_seq > ? AND first_seq <= ? ORDER BY first_seq",
                 [after_seq, _LAST_SEQ if up_to_seq is None else up_to_seq],
             )
             try:
-                for first_seq, queued_at, lengths, records in rows:
-                    found += [
-                        (seq, record, queued_at)
-                        for seq, record in enumerate(_split(lengths, records), first_seq)
-                    ]
-                    if len(found) >= limit:
+                for row in rows:
+                    found.append(Queued(*row))
+                    limit -= found[-1].count
+                    if limit <= 0:
                         break
             finally:
                 rows.close()  # ends the read transaction

@@ -49,12 +49,16 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
             raise Refused(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
         items = messages(body, headers)
         authorization = headers.get("authorization")
-        every_item_signed = authorization is None and all(item[0] for item in items)
-        requester = None if every_item_signed else _device(edge, authorization)
         # Each token once: a gateway's batch repeats each device's token for all of its messages.
-        signers = {token: _device(edge, token) for token in dict.fromkeys(item[0] for item in items) if token}
+        tokens = dict.fromkeys(item[0] or authorization for item in items)
+        if authorization is not None:
+            tokens[authorization] = None  # a header given is checked, even if every item has a token
+        try:
+            signers = edge.authenticate_each(list(tokens))
+        except AuthError as error:
+            raise Refused(401, error.reason) from None
         incoming = [
-            Incoming(signers[token] if token else requester, raw, properties, message_id, parsed=parsed)
+            Incoming(signers[token or authorization], raw, properties, message_id, parsed=parsed)
             for token, raw, properties, message_id, parsed in items
         ]
         try:
@@ -82,13 +86,6 @@ def _check_content_type(value: str) -> None:
     charset = parameters.strip().removeprefix("charset=").strip().lower()
     if charset not in ("", "utf-8", "utf8"):
         raise Refused(415, f"content encoding {charset!r} is not 'utf-8'")
-
-
-def _device(edge: Edge, authorization: str | None) -> str:
-    try:
-        return edge.authenticate(authorization)
-    except AuthError as error:
-        raise Refused(401, error.reason) from None
 
 
 def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:

@@ -25,9 +25,9 @@ from test_edge_store import (
 )
 
 from edge_module import store as store_module
-from edge_module.forwarder import Forwarder, describe
+from edge_module.forwarder import Forwarder, capture_file, describe
 from edge_module.store import EdgeStore
-from turbofan_core.capture import avro_file, read_capture
+from turbofan_core.capture import read_capture
 from turbofan_core.storage import BlobStore, LocalStore, blob_store_from_connection_string
 
 
@@ -108,7 +108,7 @@ def test_a_crash_between_creating_and_confirming_a_file_resends_it_under_the_sam
         shipment = store.shipment()
         assert shipment is not None and shipment.name == forwarder.file_name(1, 3)
         # The create reached the landing zone but the answer was lost (or the edge died right after).
-        landing.create(shipment.name, avro_file(record for _, record, _ in store.take(3)))
+        landing.create(shipment.name, capture_file(store.take(3)))
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:  # restarted
         later = record(store, "A", 4, 2)  # arrived before the forwarder ran again
         forwarder = Forwarder(store, landing, clock=clock)
@@ -133,7 +133,7 @@ def test_a_shipped_file_leaves_the_outbox_and_a_crash_midway_through_its_deletes
         assert Forwarder(store, broken_landing(tmp_path), clock=clock).ship_once(force=True) == 0
         shipment = store.shipment()
         assert shipment is not None
-        landing.create(shipment.name, avro_file(record for _, record, _ in store.take(5)))
+        landing.create(shipment.name, capture_file(store.take(5)))
     with sqlite3.connect(tmp_path / "edge.sqlite") as conn:  # the edge died after one chunk's delete
         conn.execute("DELETE FROM outbox WHERE first_seq <= 7")
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:

@@ -17,9 +17,9 @@ import duckdb
 import pytest
 from conftest import REPO_ROOT
 
-from edge_module.forwarder import Forwarder
+from edge_module.forwarder import Forwarder, capture_file
 from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError, _WalSync
-from turbofan_core.capture import CaptureRecord, avro_file, device_message, read_capture
+from turbofan_core.capture import CaptureRecord, device_message, read_capture
 from turbofan_core.storage import LocalStore, ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, encode_body
 from turbofan_warehouse.ingest import ingest_new_files
@@ -57,7 +57,7 @@ def malformed(device: str, message_id: str) -> Entry:
 
 
 def outbox(store: EdgeStore) -> list[CaptureRecord]:
-    return read_capture(avro_file(record for _, record, _ in store.take(1_000_000)))
+    return read_capture(capture_file(store.take(1_000_000)))
 
 
 def cycles(store: EdgeStore, device: str) -> list[int]:
@@ -88,8 +88,9 @@ def test_a_record_must_match_its_entry(store: EdgeStore) -> None:
     _, other = telemetry("A", "m2", 1)
     with pytest.raises(ValueError, match="A/m2"):
         store.record([(record, other)])
-    with pytest.raises(ValueError, match="telemetry entry has 24 values"):
-        HistoryEntry("A", "m1", 1, (1.0,), False)
+    with pytest.raises(ValueError, match="a telemetry entry with 1 values"):
+        store.record([(record, HistoryEntry("A", "m1", 1, (1.0,), False))])
+    assert store.record([(record, HistoryEntry("A", "m1", 1, (1.0,) * 24, False))]) == [True]
 
 
 def test_a_group_is_recorded_whole_or_not_at_all(store: EdgeStore) -> None:
@@ -182,10 +183,10 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
         store.record([telemetry("A", "m4", 4), malformed("A", "x")])
         assert store.backlog() == (5, 100.0)
         # Whole requests: a file never splits one.
-        assert [(seq, queued) for seq, _, queued in store.take(1)] == [(1, 100.0), (2, 100.0)]
-        assert [seq for seq, _, _ in store.take(3)] == [1, 2, 3]
-        assert [seq for seq, _, _ in store.take(10, up_to_seq=3)] == [1, 2, 3]
-        assert [seq for seq, _, _ in store.take(10, after_seq=2)] == [3, 4, 5]
+        assert [(q.first_seq, q.count, q.queued_at) for q in store.take(1)] == [(1, 2, 100.0)]
+        assert [(q.first_seq, q.last_seq) for q in store.take(3)] == [(1, 2), (3, 3)]
+        assert [q.first_seq for q in store.take(10, up_to_seq=3)] == [1, 3]
+        assert [q.first_seq for q in store.take(10, after_seq=2)] == [3, 4]
         store.mark_shipped(2)
         assert store.expire(200.0) == 1  # m3: queued at 150
         assert store.backlog() == (2, 200.0)
@@ -194,7 +195,7 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
         assert store.backlog() == (0, None)
         store.record([telemetry("A", "m5", 5)])
         # Sequence numbers never come back, even once the outbox was empty: files are named by them.
-        assert [seq for seq, _, _ in store.take(10)] == [6]
+        assert [q.first_seq for q in store.take(10)] == [6]
 
 
 def test_after_a_failed_fsync_no_commit_is_acknowledged() -> None:
@@ -255,7 +256,7 @@ def test_threads_share_one_store(store: EdgeStore) -> None:
     for thread in threads:
         thread.join()
     assert store.backlog()[0] == 160
-    assert len({seq for seq, _, _ in store.take(1000)}) == 160
+    assert [q.first_seq for q in store.take(1000)] == list(range(1, 161))
     assert all(cycles(store, f"D{n}") == list(range(1, 41)) for n in range(4))
 
 

@@ -121,6 +121,13 @@ def encode_record(record: CaptureRecord) -> bytes:
 def avro_file(encoded: Iterable[bytes], codec: str = "deflate") -> bytes:
     """An Avro container file of records already encoded (`encode_record`), in blocks of about
     16 kB as fastavro writes them; `codec` is "deflate" or "null"."""
+    return avro_file_of_runs(((1, record) for record in encoded), codec)
+
+
+def avro_file_of_runs(runs: Iterable[tuple[int, bytes]], codec: str = "deflate") -> bytes:
+    """`avro_file` of runs of records: each a count of records and their encodings one after another
+    (the edge's outbox keeps a request's records so). Runs are joined into blocks of about 16 kB
+    and never split, so a block may be larger."""
     if codec not in ("deflate", "null"):
         raise ValueError(f"codec {codec!r} is not 'deflate' or 'null'")
     sync = os.urandom(16)
@@ -130,21 +137,22 @@ def avro_file(encoded: Iterable[bytes], codec: str = "deflate") -> bytes:
         parts += [_long(len(key)), key.encode(), _long(len(value)), value]
     parts += [_long(0), sync]
     block: list[bytes] = []
-    size = 0
+    count = size = 0
 
     def flush() -> None:
         data = b"".join(block)
         if codec == "deflate":
             compressor = zlib.compressobj(1, zlib.DEFLATED, -15)  # raw deflate, fastest level
             data = compressor.compress(data) + compressor.flush()
-        parts.extend([_long(len(block)), _long(len(data)), data, sync])
+        parts.extend([_long(count), _long(len(data)), data, sync])
 
-    for record in encoded:
-        block.append(record)
-        size += len(record)
+    for records, encoded in runs:
+        block.append(encoded)
+        count += records
+        size += len(encoded)
         if size >= _BLOCK_BYTES:
             flush()
-            block, size = [], 0
+            block, count, size = [], 0, 0
     if block:
         flush()
     return b"".join(parts)
