@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS accepted (
     seq INTEGER PRIMARY KEY,  -- the sequence number of the request's first record
     accepted_at REAL NOT NULL,
     entries BLOB NOT NULL,  -- JSON: [[device id, message id, cycle, lifetime, failure], ...]
-    vals BLOB NOT NULL  -- the telemetry entries' values in order, float64 in MEASUREMENTS order
+    vals BLOB NOT NULL  -- the telemetry entries' cycles and values in order (`_ENTRY`)
 );
 CREATE TABLE IF NOT EXISTS lifetimes (
     device_id TEXT PRIMARY KEY,
@@ -132,8 +132,7 @@ class Shipment:
     last_seq: int
 
 
-# Values as float64 in MEASUREMENTS order, native byte order (as array("d") wrote them).
-_VALUES = struct.Struct(f"={len(MEASUREMENTS)}d")
+_ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
 _LAST_SEQ = 2**63 - 1  # SQLite's largest integer: no upper bound on a sequence number
 DELETE_CHUNK = 100  # outbox rows deleted per transaction once shipped: commits wait a ms at most
@@ -252,6 +251,11 @@ def _sync_failed(error: OSError | None) -> OSError:
     return OSError(f"the store's disk failed to sync: {error}")
 
 
+def _key(device_id: str, message_id: str) -> str:
+    """A message's identity for dedupe, one string (device ids hold no NUL)."""
+    return f"{device_id}\0{message_id}"
+
+
 def _check_entry(entry: HistoryEntry, record: CaptureRecord) -> None:
     if (record.device_id, record.message_id) != entry.key:
         raise ValueError(
@@ -280,10 +284,8 @@ class _Accepted:
     """What one `record()` call changes in memory, applied once its commit succeeded."""
 
     seq: int = 0  # its `accepted` row
-    keys: set[tuple[str, str]] = field(default_factory=set)  # (device, message id) accepted
-    history: list[tuple[str, str, int, bytes]] = field(
-        default_factory=list
-    )  # device, message id, cycle, values
+    keys: set[str] = field(default_factory=set)  # `_key`s accepted
+    history: list[tuple[str, str, bytes]] = field(default_factory=list)  # device, message id, `_ENTRY`
     closed: dict[str, int] = field(default_factory=dict)  # failure events per device, after this call
     records: int = 0  # queued for forwarding
 
@@ -302,11 +304,12 @@ class EdgeStore:
         self.dedupe_window_seconds = dedupe_window_seconds
         self.clock = clock
         self._lock = threading.Lock()
-        # In memory, under the lock, changed only after a commit: (device, message id) -> the
+        # In memory, under the lock, changed only after a commit: `_key(device, message id)` -> the
         # `accepted` row that recorded it; each device's current lifetime (message id -> cycle and
-        # values, in arrival order); failure events per device so far.
-        self._seen: dict[tuple[str, str], int] = {}
-        self._history: dict[str, dict[str, tuple[int, bytes]]] = {}
+        # values packed, in arrival order); failure events per device so far. Strings, ints and
+        # bytes only, so the garbage collector never walks these (they grow to millions of entries).
+        self._seen: dict[str, int] = {}
+        self._history: dict[str, dict[str, bytes]] = {}
         self._closed: dict[str, int] = {}
         # Autocommit mode: transactions are opened explicitly, so none is left open by accident.
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -347,17 +350,14 @@ class EdgeStore:
         rows = conn.execute("SELECT seq, accepted_at, entries, vals FROM accepted ORDER BY seq")
         for seq, accepted_at, entries, vals in rows:
             at = 0
-            for device, message_id, cycle, lifetime, failure in orjson.loads(entries):
+            for device, message_id, _, lifetime, failure in orjson.loads(entries):
                 current = lifetime == self._closed.get(device, 0)
                 if not failure:
                     if current:
-                        self._history.setdefault(device, {})[message_id] = (
-                            cycle,
-                            vals[at : at + _VALUES.size],
-                        )
-                    at += _VALUES.size
+                        self._history.setdefault(device, {})[message_id] = vals[at : at + _ENTRY.size]
+                    at += _ENTRY.size
                 if (current and not failure) or accepted_at >= cutoff:
-                    self._seen[device, message_id] = seq
+                    self._seen[_key(device, message_id)] = seq
 
     @contextmanager
     def _transaction(
@@ -452,7 +452,7 @@ class EdgeStore:
         with self._transaction(durable, after_commit=lambda: self._apply(changes)) as conn:
             for record, entry in entries:
                 if entry is not None:
-                    key = entry.key
+                    key = _key(*entry.key)
                     _check_entry(entry, record)
                     if key in self._seen or key in changes.keys:
                         flags.append(False)
@@ -465,9 +465,9 @@ class EdgeStore:
                         changes.closed[device] = closed + 1
                         changes.history = [h for h in changes.history if h[0] != device]
                     else:
-                        packed = _VALUES.pack(*entry.values)
+                        packed = _ENTRY.pack(entry.cycle, *entry.values)
                         vals.append(packed)
-                        changes.history.append((device, entry.message_id, entry.cycle, packed))
+                        changes.history.append((device, entry.message_id, packed))
                 records.append(encode_record(record))
                 flags.append(True)
             now = self.clock()
@@ -497,8 +497,8 @@ class EdgeStore:
         for device, closed in changes.closed.items():
             self._closed[device] = closed
             self._history.pop(device, None)
-        for device, message_id, cycle, packed in changes.history:
-            self._history.setdefault(device, {})[message_id] = (cycle, packed)
+        for device, message_id, packed in changes.history:
+            self._history.setdefault(device, {})[message_id] = packed
         for key in changes.keys:
             self._seen[key] = changes.seq
         self._last_seq += changes.records
@@ -506,7 +506,7 @@ class EdgeStore:
     def seen_many(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which (device id, message id) pairs were recorded."""
         with self._lock:
-            return {key for key in keys if key in self._seen}
+            return {key for key in keys if _key(*key) in self._seen}
 
     def seen(self, device_id: str, message_id: str) -> bool:
         return bool(self.seen_many([(device_id, message_id)]))
@@ -515,10 +515,10 @@ class EdgeStore:
         """The device's telemetry since its last failure event, by cycle (then arrival)."""
         with self._lock:
             stored = list(self._history.get(device_id, {}).items())
-        entries = [
-            HistoryEntry(device_id, message_id, cycle, _VALUES.unpack(packed), False)
-            for message_id, (cycle, packed) in stored
-        ]
+        entries = []
+        for message_id, packed in stored:
+            cycle, *values = _ENTRY.unpack(packed)
+            entries.append(HistoryEntry(device_id, message_id, cycle, tuple(values), False))
         return sorted(entries, key=lambda entry: entry.cycle)
 
     def devices(self) -> list[str]:
@@ -529,7 +529,7 @@ class EdgeStore:
     def purge(self) -> int:
         """Forget message ids older than the dedupe window, except the current lifetimes'; return how
         many. An `accepted` row older than the window that holds none of a current lifetime is deleted."""
-        forgotten: list[tuple[str, str]] = []
+        forgotten: list[str] = []
 
         def forget() -> None:
             for key in forgotten:
@@ -545,8 +545,8 @@ class EdgeStore:
                 for device, message_id, _, lifetime, failure in orjson.loads(entries):
                     if not failure and lifetime == self._closed.get(device, 0):
                         current = True
-                    elif self._seen.get((device, message_id)) == seq:  # not recorded again since
-                        forgotten.append((device, message_id))
+                    elif self._seen.get(key := _key(device, message_id)) == seq:  # not recorded again since
+                        forgotten.append(key)
                 if not current:
                     done.append((seq,))
             conn.executemany("DELETE FROM accepted WHERE seq = ?", done)
