@@ -3,7 +3,7 @@
 One SQLite file in WAL mode, written one request at a time: a `record()` call is one outbox row
 (its records, Avro-encoded, one after another) and one `accepted` row (the dedupe key, cycle,
 lifetime and values of each message it accepted), so a batch of 500 messages costs two inserts,
-not a thousand index updates. What the hot path asks of that state (was this message seen? what
+where a row per message cost five b-tree inserts each. What the hot path asks of that state (was this message seen? what
 is this device's lifetime so far?) is answered from memory, loaded from the file at start and
 changed only after each commit.
 
@@ -19,11 +19,11 @@ process. Reads for other threads (the forwarder, metrics) use a second connectio
 mode neither waits for the writer nor holds it up; the checkpointer has its own.
 
 Every record has a sequence number, the outbox row's `first_seq` plus its place in the row. They
-never repeat, even once every row has been shipped and deleted (the last one given is kept in
-`meta`), because the forwarder names landing-zone files by them and a reused number would make a
-new file look like one already delivered. A `shipment` row pins the file being sent (name and
-sequence range, whole outbox rows) before it is sent, so a resend after a crash carries the same
-records under the same name, whatever was recorded since.
+never repeat, even once every row has been shipped and deleted (the last one given is noted in
+`meta` whenever outbox rows are deleted), because the forwarder names landing-zone files by them
+and a reused number would make a new file look like one already delivered. A `shipment` row pins
+the file being sent (name and sequence range, whole outbox rows) before it is sent, so a resend
+after a crash carries the same records under the same name, whatever was recorded since.
 
 Each accepted message carries its device's lifetime number; a failure event closes the lifetime
 (`lifetimes` counts them), so an entry is in the current lifetime exactly when its number is the
@@ -329,7 +329,9 @@ class EdgeStore:
                 for key, value in (("format", FORMAT), ("store_id", uuid.uuid4().hex), ("last_seq", "0")):
                     conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", [key, value])
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                self.store_id, self._last_seq = meta["store_id"], int(meta["last_seq"])
+                # Outbox rows are only deleted by transactions that note the last number given so far.
+                [(queued,)] = conn.execute("SELECT max(first_seq + count - 1) FROM outbox").fetchall()
+                self.store_id, self._last_seq = meta["store_id"], max(int(meta["last_seq"]), queued or 0)
                 self._load(conn)
         except BaseException:
             self._sync.close()
@@ -476,9 +478,6 @@ class EdgeStore:
                     "INSERT INTO outbox VALUES (?, ?, ?, ?)",
                     [self._last_seq + 1, len(records), now, b"".join(records)],
                 )
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(self._last_seq + len(records))]
-                )
             if rows:
                 changes.seq = self._last_seq + 1  # its first record's: never repeats
                 conn.execute(
@@ -596,6 +595,7 @@ class EdgeStore:
         """
         while True:
             with self._transaction() as conn:
+                self._note_last_seq(conn)
                 deleted = conn.execute(
                     "DELETE FROM outbox WHERE first_seq IN "
                     "(SELECT first_seq FROM outbox WHERE first_seq <= ? ORDER BY first_seq LIMIT ?)",
@@ -617,6 +617,7 @@ class EdgeStore:
         if oldest is None or oldest >= older_than:
             return 0
         with self._transaction() as conn:
+            self._note_last_seq(conn)
             expired = (
                 "first_seq < coalesce("
                 "(SELECT first_seq FROM outbox WHERE queued_at >= ? ORDER BY first_seq LIMIT 1), ?)"
@@ -626,6 +627,11 @@ class EdgeStore:
             )
             conn.execute(f"DELETE FROM outbox WHERE {expired}", [older_than, _LAST_SEQ])
             return dropped
+
+    def _note_last_seq(self, conn: sqlite3.Connection) -> None:
+        """Keep the last sequence number given in `meta` before outbox rows are deleted (a commit
+        does not write it: the outbox's last row holds it), so that numbers never come back."""
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(self._last_seq)])
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""
