@@ -170,10 +170,15 @@ class Connection:
         self.socket.close()
 
 
-def steady(port: int, requests: list[bytes], rate: float, connections: int = 4) -> list[float]:
+def steady(
+    port: int, requests: list[bytes], rate: float, connections: int = 4
+) -> tuple[list[float], list[float]]:
     """Open loop: request i is due at i/rate and goes on connection i % connections; its latency runs
-    from when it was due, so a service that falls behind is charged for the wait."""
+    from when it was due, so a service that falls behind is charged for the wait (and a request
+    waits for the one before it on its connection). Also each request's round trip alone, from
+    when it was sent: the service's own time."""
     latencies: list[float] = []
+    round_trips: list[float] = []
     start = time.perf_counter() + 0.1
 
     def sender(index: int) -> None:
@@ -181,12 +186,15 @@ def steady(port: int, requests: list[bytes], rate: float, connections: int = 4) 
         for i in range(index, len(requests), connections):
             due = start + i / rate
             time.sleep(max(0.0, due - time.perf_counter()))
+            sent = time.perf_counter()
             connection.send(requests[i])
-            latencies.append(time.perf_counter() - due)
+            answered = time.perf_counter()
+            latencies.append(answered - due)
+            round_trips.append(answered - sent)
         connection.close()
 
     _in_threads(sender, connections)
-    return latencies
+    return latencies, round_trips
 
 
 def closed_loop(
@@ -291,13 +299,15 @@ def main() -> None:
             closed_loop(port, [devices.singles(len(names), names)], 60.0)  # every device's state loaded
             requests = devices.singles(int(args.rate * args.seconds), names)
             began = time.perf_counter()
-            latencies = np.array(steady(port, requests, args.rate)) * 1e3
+            latencies, round_trips = (np.array(times) * 1e3 for times in steady(port, requests, args.rate))
             achieved = len(latencies) / (time.perf_counter() - began)  # below the rate: it fell behind
             p50, p99 = np.percentile(latencies, [50, 99])
+            rtt_p50, rtt_p99 = np.percentile(round_trips, [50, 99])
             print(
                 f"steady {args.rate:.0f} msgs/s for {args.seconds:.0f} s ({achieved:,.0f} msgs/s achieved): "
                 f"{len(latencies):,} messages, latency p50 {p50:.2f} ms, p99 {p99:.2f} ms "
-                f"(floor: XGBoost one row, both models, {floor:.3f} ms)"
+                f"(floor: XGBoost one row, both models, {floor:.3f} ms); round trips alone "
+                f"p50 {rtt_p50:.2f} ms, p99 {rtt_p99:.2f} ms"
             )
             max_rate = max(
                 # A device's messages on one connection, so they arrive in order.
@@ -316,7 +326,8 @@ def main() -> None:
             server.wait(timeout=60)
     print(f"machine: {os.cpu_count()} cores, {platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     print(json.dumps({
-        "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3), "max_rate_per_s": round(max_rate),
+        "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
+        "rtt_p99_ms": round(float(rtt_p99), 3), "max_rate_per_s": round(max_rate),
         "batch_per_s": round(batch_rate), "floor_ms": round(floor, 4), "walk_ms": round(walk, 4),
         "fsync_p50_ms": round(disk_p50, 3), "fsync_p99_ms": round(disk_p99, 3),
     }))  # fmt: skip
