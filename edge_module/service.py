@@ -420,7 +420,14 @@ def create_app(config: EdgeConfig) -> FastAPI:
         if edge.forwarder is not None:
             edge.forwarder.stop(flush=True)
 
-    app = FastAPI(title="turbofan edge module", version="1", lifespan=lifespan)
+    # FastAPI's native OpenTelemetry looks up the global providers on every request; the edge
+    # reports through its own Prometheus metrics instead.
+    app = FastAPI(
+        title="turbofan edge module",
+        version="1",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.edge = edge
 
     def _admin(authorization: str | None) -> None:

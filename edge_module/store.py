@@ -3,9 +3,9 @@
 One SQLite file in WAL mode, written one request at a time: a `record()` call is one outbox row
 (its records, Avro-encoded, one after another) and one `accepted` row (the dedupe key, cycle,
 lifetime and values of each message it accepted), so a batch of 500 messages costs two inserts,
-where a row per message cost five b-tree inserts each. What the hot path asks of that state (was this message seen? what
-is this device's lifetime so far?) is answered from memory, loaded from the file at start and
-changed only after each commit.
+where a row per message cost five b-tree inserts each. What the hot path asks of that state (was
+this message seen? what is this device's lifetime so far?) is answered from memory, loaded from
+the file at start and changed only after each commit.
 
 A commit is durable once the WAL is fsync'd, which a thread of its own does for every commit made
 meanwhile (group commit, `_WalSync`): `record()` returns once its commit is fsync'd, or at once
