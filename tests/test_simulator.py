@@ -203,6 +203,9 @@ def test_ctrl_c_on_the_command_flushes_prints_and_exits_130(cmapss_dir: Path, tm
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal's foreground job gets it: where pytest runs as a shell's background
+        # job (`make test &`), SIGINT is ignored and the child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert process.stderr is not None
