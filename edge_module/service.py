@@ -16,7 +16,9 @@ import asyncio
 import gc
 import hashlib
 import json
+import logging
 import re
+import sqlite3
 import threading
 import time
 from collections import Counter as Tally
@@ -56,7 +58,7 @@ from edge_module.gateway import Gateway, GatewaySettings
 from edge_module.messages import Incoming
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
 from edge_module.scoring import DeviceFeatures
-from edge_module.store import EdgeStore, HistoryEntry
+from edge_module.store import DEFAULT_DEDUPE_WINDOW_SECONDS, EdgeStore, HistoryEntry
 from edge_module.telemetry_endpoint import TelemetryEndpoint
 from turbofan_core.atomic_file import write_atomically
 from turbofan_core.capture import device_message, format_enqueued_time
@@ -64,6 +66,7 @@ from turbofan_core.features import StreamingFeatures
 from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check_messages, parse_message
 
+log = logging.getLogger(__name__)
 DESIRED_MODEL = "desired_model.json"  # the last model reference set, so a restart serves it again
 PURGE_SECONDS = 3600.0
 MAX_VERIFIED_TOKENS = 100_000  # remembered verified SAS tokens; forgotten all at once past this
@@ -78,6 +81,7 @@ class EdgeConfig:
     forward_max_age_seconds: float = 5.0
     ttl_seconds: float = 7200.0
     gateway: GatewaySettings | None = None  # the MQTT-over-TLS listener for devices; None: REST only
+    dedupe_window_seconds: float = DEFAULT_DEDUPE_WINDOW_SECONDS  # see EdgeStore
 
 
 class _Metrics:
@@ -164,7 +168,7 @@ class Edge:
         self._devices_version = self._registry_version()
         self._verified: dict[str, tuple[str, float]] = {}  # SAS token -> (device, expiry)
         self.admin_key = admin_key()  # read once: a missing key file fails the start, not a request
-        self.store = EdgeStore(config.state_dir / "edge.sqlite")
+        self.store = EdgeStore(config.state_dir / "edge.sqlite", config.dedupe_window_seconds)
         self.slot = ModelSlot()
         self.metrics = _Metrics()
         self.forwarder = (
@@ -393,7 +397,10 @@ def create_app(config: EdgeConfig) -> FastAPI:
     async def purge_hourly() -> None:
         """Forget message ids older than the dedupe window, so the store stays bounded."""
         while True:
-            await run_in_threadpool(edge.store.purge)
+            try:
+                await run_in_threadpool(edge.store.purge)
+            except (sqlite3.Error, OSError) as error:  # a full disk: tried again in an hour
+                log.warning("purging the edge store failed: %s", error)
             await asyncio.sleep(PURGE_SECONDS)
 
     @asynccontextmanager

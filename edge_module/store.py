@@ -29,8 +29,9 @@ Each accepted message carries its device's lifetime number; a failure event clos
 (`lifetimes` counts them), so an entry is in the current lifetime exactly when its number is the
 device's. Dedupe remembers every (device, message id) of a current lifetime, and the others for
 `dedupe_window_seconds` after they were recorded; `purge` forgets older ones and deletes the
-`accepted` rows that hold nothing else. The keys are held in memory (about 200 bytes each), so
-the window bounds the memory as well as the file.
+`accepted` rows that hold nothing else. Keys and current lifetimes are held in memory (about 200
+bytes a key, 350 more a current lifetime's message): memory grows with the message rate times the
+window, and with the current lifetimes, and nothing else bounds it (`edge serve --dedupe-hours`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,11 @@ class Shipment:
 _ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
 _LAST_SEQ = 2**63 - 1  # SQLite's largest integer: no upper bound on a sequence number
-DELETE_CHUNK = 100  # outbox rows deleted per transaction once shipped: commits wait a ms at most
+DELETE_CHUNK = 250  # outbox records deleted per transaction (whole requests, one at least)
+PURGE_CHUNK = 200  # accepted rows settled per transaction by `purge`
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # fdatasync, as SQLite syncs; macOS has only fsync
 
 
 class _WalSync:
@@ -207,7 +212,7 @@ class _WalSync:
                 target = self._committed
             error = None
             try:
-                os.fdatasync(self._fd)
+                _datasync(self._fd)
             except OSError as failure:
                 error = failure
             with self._changed:
@@ -329,9 +334,14 @@ class EdgeStore:
                 for key, value in (("format", FORMAT), ("store_id", uuid.uuid4().hex), ("last_seq", "0")):
                     conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", [key, value])
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                # Outbox rows are only deleted by transactions that note the last number given so far.
-                [(queued,)] = conn.execute("SELECT max(first_seq + count - 1) FROM outbox").fetchall()
-                self.store_id, self._last_seq = meta["store_id"], max(int(meta["last_seq"]), queued or 0)
+                # Outbox rows are only deleted by transactions that note the last number given so far;
+                # the other tables' numbers are a floor all the same.
+                [given] = conn.execute(
+                    "SELECT max(coalesce((SELECT max(first_seq + count - 1) FROM outbox), 0), "
+                    "coalesce((SELECT max(seq) FROM accepted), 0), "
+                    "coalesce((SELECT max(last_seq) FROM shipment), 0))"
+                ).fetchone()
+                self.store_id, self._last_seq = meta["store_id"], max(int(meta["last_seq"]), given)
                 self._load(conn)
         except BaseException:
             self._sync.close()
@@ -446,6 +456,8 @@ class EdgeStore:
         is written and its flag is False. A record without an entry (a malformed message, for
         the warehouse's quarantine) is always queued.
         """
+        if not entries:
+            return []
         flags: list[bool] = []
         records: list[bytes] = []
         rows: list[list[object]] = []
@@ -527,35 +539,48 @@ class EdgeStore:
 
     def purge(self) -> int:
         """Forget message ids older than the dedupe window, except the current lifetimes'; return how
-        many. An `accepted` row older than the window that holds none of a current lifetime is deleted."""
-        forgotten: list[str] = []
+        many. An `accepted` row older than the window that holds none of a current lifetime is deleted.
 
-        def forget() -> None:
-            for key in forgotten:
-                del self._seen[key]
-
-        with self._transaction(after_commit=forget) as conn:
-            cutoff = self.clock() - self.dedupe_window_seconds
-            done = []
-            for seq, entries in conn.execute(
+        The old rows are read and decoded beside the writer; each chunk of PURGE_CHUNK rows is then
+        checked and settled under the lock (a row only ever stops holding a current entry, and a
+        key recorded again since names a newer row), so requests wait for one chunk at most.
+        """
+        cutoff = self.clock() - self.dedupe_window_seconds
+        old = [
+            (seq, orjson.loads(entries))
+            for seq, entries in self._read(
                 "SELECT seq, entries FROM accepted WHERE accepted_at < ?", [cutoff]
-            ):
-                current = False
-                for device, message_id, _, lifetime, failure in orjson.loads(entries):
-                    if not failure and lifetime == self._closed.get(device, 0):
-                        current = True
-                    elif self._seen.get(key := _key(device, message_id)) == seq:  # not recorded again since
-                        forgotten.append(key)
-                if not current:
-                    done.append((seq,))
-            conn.executemany("DELETE FROM accepted WHERE seq = ?", done)
-        return len(forgotten)
+            )
+        ]
+        forgotten = 0
+        for start in range(0, len(old), PURGE_CHUNK):
+            keys: list[str] = []
+
+            def forget(keys: list[str] = keys) -> None:
+                for key in keys:
+                    del self._seen[key]
+
+            with self._transaction(after_commit=forget) as conn:
+                done = []
+                for seq, entries in old[start : start + PURGE_CHUNK]:
+                    current = False
+                    for device, message_id, _, lifetime, failure in entries:
+                        if not failure and lifetime == self._closed.get(device, 0):
+                            current = True
+                        elif self._seen.get(key := _key(device, message_id)) == seq:  # not recorded since
+                            keys.append(key)
+                    if not current:
+                        done.append((seq,))
+                conn.executemany("DELETE FROM accepted WHERE seq = ?", done)
+            forgotten += len(keys)
+        return forgotten
 
     # --- outbox -----------------------------------------------------------------------------------
 
     def take(self, limit: int, up_to_seq: int | None = None, after_seq: int = 0) -> list[Queued]:
-        """The oldest queued requests (after `after_seq`, none after `up_to_seq`) until they hold
-        `limit` records or more."""
+        """The oldest queued requests until they hold `limit` records or more: those whose first
+        record is after `after_seq` and not after `up_to_seq` (callers pass the number of a
+        request's last record, so requests come whole)."""
         found: list[Queued] = []
         with self._read_lock:
             rows = self._reader.execute(
@@ -587,21 +612,17 @@ class EdgeStore:
         return Shipment(*rows[0]) if rows else None
 
     def mark_shipped(self, up_to_seq: int) -> None:
-        """Delete the records up to `up_to_seq`, then the pinned shipment: they are in the landing zone.
+        """Delete the records up to `up_to_seq`, then the pinned shipment (with the last of them):
+        they are in the landing zone.
 
-        DELETE_CHUNK rows per transaction, so commits of new messages wait for one chunk, not a
-        whole file's. After a crash midway the shipment is still pinned: its resend holds the
+        About DELETE_CHUNK records per transaction, so commits of new messages wait for one chunk,
+        not a whole file's. After a crash midway the shipment is still pinned: its resend holds the
         records left, under the same name, which the landing zone refuses, and this finishes.
         """
         while True:
             with self._transaction() as conn:
-                self._note_last_seq(conn)
-                deleted = conn.execute(
-                    "DELETE FROM outbox WHERE first_seq IN "
-                    "(SELECT first_seq FROM outbox WHERE first_seq <= ? ORDER BY first_seq LIMIT ?)",
-                    [up_to_seq, DELETE_CHUNK],
-                ).rowcount
-                if deleted < DELETE_CHUNK:
+                _, more = self._delete_chunk(conn, "first_seq <= ?", [up_to_seq])
+                if not more:
                     conn.execute("DELETE FROM shipment")
                     return
             time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
@@ -610,28 +631,54 @@ class EdgeStore:
         """Drop the unshipped records queued before `older_than`, in queue order (up to the first
         one that is not); return how many (the TTL drops).
 
-        Called on every poll of the forwarder: the write transaction, which would compete with
-        `record` for the lock, is only opened when the oldest record is too old.
+        Called on every poll of the forwarder: a write transaction, which would compete with
+        `record` for the lock, is only opened when the oldest record is too old, and then one per
+        DELETE_CHUNK records.
         """
         [(oldest,)] = self._read(f"SELECT ({_OLDEST})")
         if oldest is None or oldest >= older_than:
             return 0
-        with self._transaction() as conn:
-            self._note_last_seq(conn)
-            expired = (
-                "first_seq < coalesce("
-                "(SELECT first_seq FROM outbox WHERE queued_at >= ? ORDER BY first_seq LIMIT 1), ?)"
+        [(first_kept,)] = self._read(
+            "SELECT coalesce("
+            "(SELECT first_seq FROM outbox WHERE queued_at >= ? ORDER BY first_seq LIMIT 1), ?)",
+            [older_than, _LAST_SEQ],
+        )
+        dropped = 0
+        while True:
+            with self._transaction() as conn:
+                deleted, more = self._delete_chunk(conn, "first_seq < ?", [first_kept])
+            dropped += deleted
+            if not more:
+                return dropped
+            time.sleep(0.002)
+
+    def _delete_chunk(self, conn: sqlite3.Connection, where: str, parameters: list) -> tuple[int, bool]:
+        """Delete the oldest outbox rows matching `where`, whole rows up to DELETE_CHUNK records (one
+        at least); return how many records, and whether rows matching are left."""
+        self._note_last_seq(conn)
+        rows = conn.execute(
+            f"SELECT first_seq, count FROM outbox WHERE {where} ORDER BY first_seq LIMIT ?",
+            [*parameters, DELETE_CHUNK + 1],
+        ).fetchall()
+        deleted = taken = 0
+        for _, count in rows:
+            if deleted and deleted + count > DELETE_CHUNK:
+                break
+            deleted += count
+            taken += 1
+        if taken:
+            conn.execute(
+                f"DELETE FROM outbox WHERE {where} AND first_seq <= ?", [*parameters, rows[taken - 1][0]]
             )
-            [(dropped,)] = conn.execute(
-                f"SELECT coalesce(sum(count), 0) FROM outbox WHERE {expired}", [older_than, _LAST_SEQ]
-            )
-            conn.execute(f"DELETE FROM outbox WHERE {expired}", [older_than, _LAST_SEQ])
-            return dropped
+        return deleted, taken < len(rows)
 
     def _note_last_seq(self, conn: sqlite3.Connection) -> None:
         """Keep the last sequence number given in `meta` before outbox rows are deleted (a commit
         does not write it: the outbox's last row holds it), so that numbers never come back."""
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(self._last_seq)])
+        [(queued,)] = conn.execute("SELECT max(first_seq + count - 1) FROM outbox").fetchall()
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(max(self._last_seq, queued or 0))]
+        )
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""

@@ -104,6 +104,8 @@ def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
     if not isinstance(parsed, list):
         one = parsed if isinstance(parsed, dict) else None
         return [(None, body, _header_properties(headers), headers.get("iothub-messageid"), one)]
+    if not parsed:
+        raise Refused(422, "an empty batch: no message to take")
     items: list[Message] = []
     for index, item in enumerate(parsed):
         if not isinstance(item, dict):

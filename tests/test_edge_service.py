@@ -253,6 +253,10 @@ def test_malformed_batch_envelopes_get_a_422_with_the_item_and_field(edge: Edge)
     ]:
         status, answer = edge.send(DEVICES[0], [envelope])
         assert (status, answer["detail"]) == (422, reason)
+    # An empty batch is refused before anything is stored, with or without a credential.
+    for headers in (edge.token(DEVICES[0]), {}):
+        status, answer = edge.call("POST", "/telemetry", [], headers)
+        assert (status, answer["detail"]) == (422, "an empty batch: no message to take")
 
 
 def test_a_client_that_leaves_mid_upload_records_nothing(edge: Edge) -> None:
@@ -434,6 +438,28 @@ def test_a_batch_with_a_late_message_and_a_failure_event_follows_device_order(
     assert_scored_like(results[1:2], device, expected(bundle, frame.head(6)))
     next_engine = frame.head(1).assign(Sensor2=642.5)
     assert_scored_like(results[3:], device, expected(bundle, next_engine))
+
+
+def test_a_closed_lifetimes_ids_are_duplicates_for_the_dedupe_window_set_at_start(
+    edge: Edge, test_units: pd.DataFrame
+) -> None:
+    device = DEVICES[4]
+    messages = bodies(test_units[test_units["device_id"] == device].head(2))
+    old = [{"body": body, "messageId": f"old{body['CycleTime']}"} for body in messages]
+    failure = {"body": {"CycleTime": 2}, "messageId": "f", "properties": {"type": "failure"}}
+    new = {"body": messages[0], "messageId": "new1"}  # the next engine's first cycle
+    assert edge.send(device, [*old, failure, new])[0] == 200
+    edge.stop(signal.SIGTERM)
+    restarted = start_edge(edge.state, edge.landing)  # the default window: a day
+    status, results = restarted.send(device, [old[1], new])
+    assert [r["status"] for r in results] == ["duplicate", "duplicate"]
+    restarted.stop(signal.SIGTERM)
+    forgetful = start_edge(edge.state, edge.landing, options=("--dedupe-hours", "0"))
+    status, results = forgetful.send(device, [old[1], new])
+    # The closed lifetime's ids are forgotten: "old2" is now the current engine's cycle 2. Its own
+    # ids are remembered whatever the window.
+    assert [r["status"] for r in results] == ["scored", "duplicate"]
+    forgetful.stop(signal.SIGTERM)
 
 
 def test_a_deployment_manifest_names_the_model_served_at_start(tmp_path: Path, bundles) -> None:

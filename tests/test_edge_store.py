@@ -193,9 +193,16 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
         store.mark_shipped(5)
         assert store.backlog() == (0, None)
+    # Sequence numbers never come back, even once the outbox was empty and the edge restarted: files
+    # are named by them.
+    with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
         store.record([telemetry("A", "m5", 5)])
-        # Sequence numbers never come back, even once the outbox was empty: files are named by them.
         assert [q.first_seq for q in store.take(10)] == [6]
+        clock.now = 300.0
+        assert store.expire(301.0) == 1
+    with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:  # emptied by the TTL this time
+        store.record([telemetry("A", "m6", 6)])
+        assert [q.first_seq for q in store.take(10)] == [7]
 
 
 def test_after_a_failed_fsync_no_commit_is_acknowledged() -> None:

@@ -60,6 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"the gateway certificate's private key (PEM; default: env {TLS_KEY_ENV})",
     )
     serve.add_argument("--mqtt-port", type=int, default=8883, help="the gateway's MQTT-over-TLS port")
+    serve.add_argument(
+        "--dedupe-hours",
+        type=float,
+        help="how long the ids of a closed engine lifetime's messages are remembered as duplicates; "
+        "they are held in memory, about 200 bytes each (default: 24)",
+    )
     serve.set_defaults(run=run_serve)
     certs = actions.add_parser("certs", help="make a test CA and a gateway certificate for a host name")
     certs.add_argument("--host", required=True, help="the GatewayHostName devices will connect to")
@@ -97,6 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
         landing=LocalStore(args.landing_dir) if args.landing_dir else _landing(home),
         model=model,
         gateway=gateway,
+        **({} if args.dedupe_hours is None else {"dedupe_window_seconds": args.dedupe_hours * 3600}),
     )
     print(
         f"edge module on http://{args.host}:{args.port} (docs at /docs), state in {config.state_dir}",
