@@ -135,6 +135,9 @@ class Shipment:
 
 _ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
+# Requests are queued in sequence order, so the last row holds the last number given (a lookup of
+# the primary key, where max() over an expression would read every row).
+_LAST_QUEUED = "SELECT first_seq + count - 1 FROM outbox ORDER BY first_seq DESC LIMIT 1"
 _LAST_SEQ = 2**63 - 1  # SQLite's largest integer: no upper bound on a sequence number
 DELETE_CHUNK = 250  # outbox records deleted per transaction (whole requests, one at least)
 PURGE_CHUNK = 200  # accepted rows settled per transaction by `purge`
@@ -337,7 +340,7 @@ class EdgeStore:
                 # Outbox rows are only deleted by transactions that note the last number given so far;
                 # the other tables' numbers are a floor all the same.
                 [given] = conn.execute(
-                    "SELECT max(coalesce((SELECT max(first_seq + count - 1) FROM outbox), 0), "
+                    f"SELECT max(coalesce(({_LAST_QUEUED}), 0), "
                     "coalesce((SELECT max(seq) FROM accepted), 0), "
                     "coalesce((SELECT max(last_seq) FROM shipment), 0))"
                 ).fetchone()
@@ -675,10 +678,8 @@ class EdgeStore:
     def _note_last_seq(self, conn: sqlite3.Connection) -> None:
         """Keep the last sequence number given in `meta` before outbox rows are deleted (a commit
         does not write it: the outbox's last row holds it), so that numbers never come back."""
-        [(queued,)] = conn.execute("SELECT max(first_seq + count - 1) FROM outbox").fetchall()
-        conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(max(self._last_seq, queued or 0))]
-        )
+        [(queued,)] = conn.execute(f"SELECT coalesce(({_LAST_QUEUED}), 0)").fetchall()
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [str(max(self._last_seq, queued))])
 
     def backlog(self) -> tuple[int, float | None]:
         """How many records wait, and when the oldest was queued."""
