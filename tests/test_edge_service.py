@@ -460,6 +460,15 @@ def test_a_closed_lifetimes_ids_are_duplicates_for_the_dedupe_window_set_at_star
     # ids are remembered whatever the window.
     assert [r["status"] for r in results] == ["scored", "duplicate"]
     forgetful.stop(signal.SIGTERM)
+    turbofan = str(Path(sys.executable).parent / "turbofan")
+    for hours in ("-1", "nan"):
+        done = subprocess.run(
+            [turbofan, "edge", "serve", "--state", str(edge.state), "--dedupe-hours", hours],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2
+        assert f"--dedupe-hours is {float(hours)}: give 0 or more" in done.stderr
 
 
 def test_a_deployment_manifest_names_the_model_served_at_start(tmp_path: Path, bundles) -> None:

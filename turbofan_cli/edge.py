@@ -88,6 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError("--model-uri and --model-sha256 go together")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise CommandError("--tls-cert and --tls-key go together")
+    if args.dedupe_hours is not None and not args.dedupe_hours >= 0:  # NaN too
+        raise CommandError(f"--dedupe-hours is {args.dedupe_hours}: give 0 or more")
     gateway = (
         GatewaySettings(args.tls_cert, args.tls_key, host=args.host, port=args.mqtt_port)
         if args.tls_cert
