@@ -6,7 +6,7 @@ import base64
 import io
 import itertools
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import fastavro
@@ -22,6 +22,7 @@ from turbofan_core.capture import (
     device_message,
     encode_avro,
     encode_json_lines,
+    format_enqueued_time,
     partition_of,
     read_capture,
 )
@@ -79,6 +80,7 @@ MALFORMED = [
     (body(Sensor7=float("nan")), "C1", {}, None, None, "Sensor7 is NaN"),
     (body(Sensor7=float("inf")), "C1", {}, None, None, "Sensor7 is infinite"),
     (body(OperationalSetting2=float("-inf")), "C1", {}, None, None, "OperationalSetting2 is infinite"),
+    (body(Sensor7=-(10**400)), "C1", {}, None, None, "Sensor7 is an integer beyond a float's range"),
     (body(CycleTime=0), "C1", {}, None, None, "CycleTime must be a positive integer, got 0"),
     (body(CycleTime=-3), "C1", {}, None, None, "CycleTime must be a positive integer, got -3"),
     (body(CycleTime=2.5), "C1", {}, None, None, "CycleTime must be a positive integer, got 2.5"),
@@ -127,6 +129,11 @@ def test_avro_uses_iot_hub_routing_schema_and_round_trips() -> None:
     assert first.device_id == "Client_001"
     assert first.enqueued_time_utc == "2026-11-27T19:05:42.1234560Z"
     assert first.system_properties["contentType"] == "application/json"
+
+
+def test_enqueued_time_is_iot_hubs_text_in_utc() -> None:
+    when = datetime(2026, 11, 28, 1, 4, 5, 60, tzinfo=timezone(timedelta(hours=2)))
+    assert format_enqueued_time(when) == "2026-11-27T23:04:05.0000600Z"
 
 
 def test_json_lines_round_trip_and_plain_json_bodies() -> None:
@@ -188,7 +195,7 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
         (body(**{field: value}), device, properties, content_type, encoding)
         for field, value in itertools.product(
             ["CycleTime", "Sensor3"],
-            [1, 1.0, 2.5, True, None, "x", 0, -1, float("nan"), 1e308, 2**53 + 1, 2**63, 2**64 - 1],
+            [1, 1.0, 2.5, True, None, "x", 0, -1, float("nan"), 1e308, 2**53 + 1, 2**63, 2**64 - 1, 10**400],
         )
         for device, properties, content_type, encoding in itertools.product(
             ["Client_001", None],
@@ -223,6 +230,13 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
     assert given.reasons == checked.reasons
     for name in ("valid", "failure", "cycles", "measurements"):
         np.testing.assert_array_equal(getattr(given, name), getattr(checked, name))
+
+    # A message alone (an edge's single message) takes the per-message path: the same verdict.
+    for index, case in enumerate(cases):
+        alone = check_messages(*([value] for value in case), [bodies[index]])
+        assert alone.reasons == ({0: checked.reasons[index]} if index in checked.reasons else {}), case
+        for name in ("valid", "failure", "cycles", "measurements"):
+            np.testing.assert_array_equal(getattr(alone, name)[0], getattr(checked, name)[index])
 
 
 def _parsed(raw: bytes | None) -> object:

