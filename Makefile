@@ -44,10 +44,10 @@ help:
 $(PY):
 	$(BOOT_PYTHON) -m venv $(VENV)
 
-# Reinstall only when the lock, the package metadata or the C decoder changes. editable_mode=compat puts the
+# Reinstall only when the lock, the package metadata or a C extension changes. editable_mode=compat puts the
 # repo root on sys.path through a .pth file, so packages created after the install (edge_module,
 # a new subpackage) are importable without reinstalling.
-$(INSTALL_STAMP): requirements.lock setup.py $(wildcard turbofan_core/*.c) | $(PY)
+$(INSTALL_STAMP): requirements.lock setup.py $(wildcard turbofan_core/*.c edge_module/*.c) | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$$(grep -E '^uv==' requirements.lock || echo uv)"
 	$(UV) pip install -p $(PY) -r requirements.lock
 	$(UV) pip install -p $(PY) --no-deps --config-settings editable_mode=compat -e .

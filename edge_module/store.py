@@ -7,8 +7,8 @@ where a row per message cost five b-tree inserts each. What the hot path asks of
 this message seen? what is this device's lifetime so far?) is answered from memory, loaded from
 the file at start and changed only after each commit.
 
-A commit is durable once the WAL is fsync'd, which a thread of its own does for every commit made
-meanwhile (group commit, `_WalSync`): `record()` returns once its commit is fsync'd, or at once
+A commit is durable once the WAL is fsync'd, which a thread of its own (in C, without the
+interpreter) does for every commit made meanwhile (group commit, `_WalSync`): `record()` returns once its commit is fsync'd, or at once
 with `durable=False` for a caller that awaits `synced()` before it answers, so the event loop goes
 on serving while the disk syncs. A message acknowledged that way survives SIGKILL and power loss.
 The WAL is copied into the database file by a thread of its own (see `_checkpoint_continually`).
@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import orjson
 
+from edge_module._wal_sync import Syncer
 from turbofan_core.capture import CaptureRecord, encode_record
 from turbofan_core.telemetry import MEASUREMENTS
 
@@ -143,116 +144,94 @@ DELETE_CHUNK = 250  # outbox records deleted per transaction (whole requests, on
 PURGE_CHUNK = 200  # accepted rows settled per transaction by `purge`
 
 
-_datasync = getattr(os, "fdatasync", os.fsync)  # fdatasync, as SQLite syncs; macOS has only fsync
-
-
 class _WalSync:
-    """Group commit: fsyncs the WAL on a thread of its own, one fsync for every commit made while
-    the one before ran. Commits are counted (`committed`); a commit is durable once `wait` or
-    `wait_async` returns for its number. After a failed fsync nothing more is acknowledged: the
-    kernel may have dropped the unwritten pages, so every wait raises that error from then on."""
+    """Group commit: the WAL is fsync'd for every commit made while the fsync before ran, by a
+    thread of `_wal_sync.Syncer` that never holds the interpreter (`_wal_sync.c` says why). Commits
+    are counted (`committed`); a commit is durable once `wait` or `wait_async` returns for its
+    number. After a failed fsync nothing more is acknowledged: the kernel may have dropped the
+    unwritten pages, so every wait raises that error from then on.
+
+    An event loop with waiters watches the syncer's pipe, which gets a byte after each fsync; the
+    watch is removed once the loop has no waiter left, so no loop watches a store that closed."""
 
     def __init__(self, wal: Path) -> None:
         self._fd = os.open(wal, os.O_RDONLY | os.O_CREAT, 0o600)
-        self._changed = threading.Condition()
-        self._committed = self._synced = 0
-        self._error: OSError | None = None
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="edge-wal-sync", daemon=True)
-        self._thread.start()
+        self._syncer = Syncer(self._fd)
+        self._lock = threading.Lock()
+        self._waiters: dict[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Future[None]]]] = {}
+        self.committed = self._syncer.committed  # count one more commit (after COMMIT): its number
+        self.committed_so_far = self._syncer.committed_so_far
 
-    def committed(self) -> int:
-        """Count one more commit (call it after COMMIT); return its number."""
-        with self._changed:
-            if self._closing:
-                raise RuntimeError("the store is closed")
-            self._committed += 1
-            self._changed.notify_all()
-            return self._committed
-
-    def committed_so_far(self) -> int:
-        with self._changed:
-            return self._committed
+    def _synced(self) -> int:
+        try:
+            return self._syncer.synced()
+        except OSError as error:
+            raise _sync_failed(error) from None
 
     def wait(self, number: int) -> None:
-        with self._changed:
-            while self._synced < number and self._error is None:
-                self._changed.wait()
-            if self._synced < number:
-                raise _sync_failed(self._error)
+        try:
+            self._syncer.wait(number)
+        except OSError as error:
+            raise _sync_failed(error) from None
 
     async def wait_async(self, number: int) -> None:
-        with self._changed:
-            if self._synced >= number:
-                return
-            if self._error is not None:
-                raise _sync_failed(self._error)
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            self._waiters.append((number, loop, future))
+        if self._synced() >= number:
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            waiting = self._waiters.setdefault(loop, [])
+            if not waiting:
+                loop.add_reader(self._syncer.fileno(), self._on_synced, loop)
+            waiting.append((number, future))
         await future
 
-    def _run(self) -> None:
+    def _on_synced(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In `loop`, woken by the pipe: settle its waiters now due, and wake the other loops with
+        some due (the pipe's bytes go to one reader)."""
         try:
-            self._sync_until_closed()
-        except BaseException as error:  # a bug here must fail the waits, never hang them
-            with self._changed:
-                self._error = OSError(f"the WAL sync thread stopped: {error!r}")
-                self._changed.notify_all()
-                waiting, self._waiters = self._waiters, []
-            for _, loop, future in waiting:
-                _settle_threadsafe(loop, future, self._error)
-            raise
-
-    def _sync_until_closed(self) -> None:
-        while True:
-            with self._changed:
-                while self._committed == self._synced and not self._closing:
-                    self._changed.wait()
-                if self._committed == self._synced or self._error is not None:
-                    return
-                target = self._committed
-            error = None
-            try:
-                _datasync(self._fd)
-            except OSError as failure:
-                error = failure
-            with self._changed:
-                if error is None:
-                    self._synced = target
-                else:
-                    self._error = error
-                self._changed.notify_all()
-                settled = [w for w in self._waiters if error is not None or w[0] <= target]
-                self._waiters = [w for w in self._waiters if w not in settled]
-            for _, loop, future in settled:
-                _settle_threadsafe(loop, future, error)
+            os.read(self._syncer.fileno(), 4096)
+        except BlockingIOError:
+            pass  # read by another loop, or a wake-up sent by one
+        try:
+            synced, error = self._syncer.synced(), None
+        except OSError as failure:
+            synced, error = 0, _sync_failed(failure)
+        due: list[tuple[int, asyncio.Future[None]]] = []
+        with self._lock:
+            for waiting_loop, waiting in list(self._waiters.items()):
+                if not any(error is not None or number <= synced for number, _ in waiting):
+                    continue
+                if waiting_loop is not loop:
+                    try:
+                        waiting_loop.call_soon_threadsafe(self._on_synced, waiting_loop)
+                    except RuntimeError:  # that loop is closed: nobody awaits its answers any more
+                        del self._waiters[waiting_loop]
+                    continue
+                due = [w for w in waiting if error is not None or w[0] <= synced]
+                self._waiters[loop] = [w for w in waiting if error is None and w[0] > synced]
+                if not self._waiters[loop]:
+                    del self._waiters[loop]
+                    loop.remove_reader(self._syncer.fileno())
+        for _, future in due:
+            if future.done():  # cancelled: the request was abandoned
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
     def close(self) -> None:
-        with self._changed:
-            self._closing = True
-            self._changed.notify_all()
-        self._thread.join()
+        """Once every commit counted is fsync'd; loops still waiting are woken to settle."""
+        self._syncer.close()
+        with self._lock:
+            loops = list(self._waiters)
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self._on_synced, loop)
+            except RuntimeError:
+                pass  # closed: nobody awaits its answers any more
         os.close(self._fd)
-
-
-def _settle_threadsafe(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], error: OSError | None
-) -> None:
-    try:
-        loop.call_soon_threadsafe(_settle, future, error)
-    except RuntimeError:  # the waiter's event loop is closed: nobody awaits the answer any more
-        pass
-
-
-def _settle(future: asyncio.Future[None], error: OSError | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(_sync_failed(error))
 
 
 def _sync_failed(error: OSError | None) -> OSError:

@@ -232,6 +232,49 @@ def test_a_commit_is_acknowledged_once_the_wal_is_synced(tmp_path: Path) -> None
         assert cycles(store, "A") == [1, 2]
 
 
+def test_event_loops_in_several_threads_each_get_their_acknowledgements(tmp_path: Path) -> None:
+    """The fsync thread wakes a waiting loop through a pipe, whose bytes only one loop reads: the
+    others must still be woken, and no loop may keep watching once it has no waiter."""
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+
+        async def requests(device: str) -> list[bool]:
+            flags = []
+            for cycle in range(1, 41):
+                flags += store.record([telemetry(device, f"m{cycle}", cycle)], durable=False)
+                await store.synced()
+            return flags
+
+        answers: dict[str, list[bool]] = {}
+        threads = [
+            threading.Thread(target=lambda d=device: answers.setdefault(d, asyncio.run(requests(d))))
+            for device in ("A", "B", "C")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert answers == {device: [True] * 40 for device in ("A", "B", "C")}
+
+    async def reuse_after_close() -> None:
+        loop = asyncio.get_running_loop()
+        with EdgeStore(tmp_path / "other.sqlite") as other:
+            other.record([telemetry("A", "m1", 1)], durable=False)
+            await other.synced()
+            watched = other._sync._syncer.fileno()
+        del other  # its pipe closes with it, and the number is free again
+        opened = [os.pipe() for _ in range(16)]  # the lowest free numbers: the old pipe's among them
+        try:
+            assert watched in {fd for pair in opened for fd in pair}
+            loop.add_reader(watched, lambda: None)  # refused if the loop still watched the old pipe
+            loop.remove_reader(watched)
+        finally:
+            for pair in opened:
+                for fd in pair:
+                    os.close(fd)
+
+    asyncio.run(reuse_after_close())
+
+
 def test_a_store_of_another_format_is_refused_at_start_and_left_as_it_is(tmp_path: Path) -> None:
     path = tmp_path / "edge.sqlite"
     with sqlite3.connect(path) as old:  # the first format: no version, the outbox in columns
