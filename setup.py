@@ -39,8 +39,8 @@ setup(
         ]
     ),
     include_package_data=True,
-    # The column decoder of IoT Hub capture blocks, the tree walk and the window statistics (each
-    # file's header says why C).
+    # The column decoder of IoT Hub capture blocks, the tree walk, and the window statistics with the
+    # streaming features' update (each file's header says why C).
     ext_modules=[
         Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"]),
         Extension("turbofan_core._trees", ["turbofan_core/_trees.c"]),
