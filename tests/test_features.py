@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from test_bundle import with_rul
 
+from turbofan_core import _windows
 from turbofan_core.cmapss import read_cmapss
 from turbofan_core.features import (
     DEFAULT_SPEC,
@@ -210,7 +211,101 @@ def test_a_refused_update_leaves_no_device_state() -> None:
         engine.update_many(["x"], [1], values + np.nan)
     with pytest.raises(OverflowError):
         engine.update_many(["x"], [2**64], values)
+    with pytest.raises(ValueError, match="expected 2 cycles"):
+        engine.update_many(["x", "y"], [1], np.zeros((2, len(DEFAULT_SPEC.sensors))))
     assert engine.devices == 0
+
+
+def _update_arguments(**changes: object) -> dict[str, object]:
+    """A valid `_windows.update` call, in its argument order: one message of device 1 of 2 (rings of 3
+    slots, 2 sensors), windows of 2 and 3 with mean and slope, one smoothing factor; `changes` made."""
+    arguments: dict[str, object] = {
+        "history": np.zeros((2, 3, 2)),
+        "span": 3,
+        "sensors": 2,
+        "start": np.zeros(2, dtype=np.int64),
+        "count": np.zeros(2, dtype=np.int64),
+        "cycle": np.zeros(2, dtype=np.int64),
+        "smoothed": np.zeros((2, 1, 2)),
+        "alphas": np.array([0.5]),
+        "rows": np.array([1], dtype=np.int64),
+        "cycles": np.array([7], dtype=np.int64),
+        "values": np.full((1, 2), 4.0),
+        "windows": np.array([2, 3], dtype=np.int64),
+        "codes": bytes([STATISTICS.index("mean"), STATISTICS.index("slope")]),
+        "features": 13,
+        "cycle_column": 0,
+        "raw_columns": np.array([1, 2], dtype=np.int64),
+        "stats_columns": np.arange(3, 11, dtype=np.int64),  # statistics x windows x sensors
+        "ewm_columns": np.array([11, 12], dtype=np.int64),
+        "out": np.zeros((1, 13)),
+    }
+    return {**arguments, **changes}
+
+
+def test_the_c_update_writes_the_state_and_every_column() -> None:
+    arguments = _update_arguments()
+    _windows.update(*arguments.values())
+    np.testing.assert_array_equal(arguments["out"], [[7, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4]])
+    np.testing.assert_array_equal(arguments["history"], [[[0, 0]] * 3, [[4, 4], [0, 0], [0, 0]]])
+    for name, expected in (("start", [0, 1]), ("count", [0, 1]), ("cycle", [0, 7])):
+        np.testing.assert_array_equal(arguments[name], expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rows": np.array([2], dtype=np.int64)}, r"rows\[0\] = 2 out of range"),
+        ({"rows": np.array([-1], dtype=np.int64)}, r"rows\[0\] = -1 out of range"),
+        ({"windows": np.array([2, 4], dtype=np.int64)}, r"windows\[1\] = 4 out of range"),
+        ({"windows": np.array([0, 3], dtype=np.int64)}, r"windows\[0\] = 0 out of range"),
+        ({"codes": bytes([0, 5])}, "unknown statistic code 5"),
+        ({"cycle_column": 13}, "cycle_column out of range"),
+        ({"raw_columns": np.array([1, 13], dtype=np.int64)}, r"raw_columns\[1\] = 13"),
+        ({"stats_columns": np.arange(-1, 7, dtype=np.int64)}, r"stats_columns\[0\] = -1"),
+        ({"ewm_columns": np.array([11, 13], dtype=np.int64)}, r"ewm_columns\[1\] = 13"),
+        ({"start": np.array([0, 3], dtype=np.int64)}, "row 0: start or count out of range"),
+        ({"count": np.array([0, -1], dtype=np.int64)}, "row 0: start or count out of range"),
+        ({"history": np.zeros((2, 2, 2))}, "history holds 64 bytes"),
+        ({"smoothed": np.zeros((2, 2, 2))}, "smoothed holds"),
+        ({"values": np.zeros((1, 3))}, "values holds"),
+        ({"cycles": np.zeros(2, dtype=np.int64)}, "cycles holds"),
+        ({"out": np.zeros((1, 12))}, "out holds"),
+        # 2 x (3 + 2**59) x 2 x 8 bytes wraps round to the history's 96: the size must not be a product.
+        ({"span": 3 + 2**59}, "history holds 96 bytes"),
+    ],
+    ids=[
+        "row-beyond",
+        "row-negative",
+        "window-beyond-span",
+        "window-empty",
+        "unknown-statistic",
+        "cycle-column",
+        "raw-column",
+        "stats-column",
+        "ewm-column",
+        "ring-start",
+        "negative-count",
+        "history-size",
+        "smoothed-size",
+        "values-size",
+        "cycles-size",
+        "out-size",
+        "size-product-wraps",
+    ],
+)
+def test_the_c_update_refuses_what_would_reach_outside_its_arrays(
+    change: dict[str, object], message: str
+) -> None:
+    """Every size, index and column is checked before anything is written: a ValueError, never a
+    write outside the arrays (nor into them)."""
+    arguments = _update_arguments(**change)
+    written = ("history", "start", "count", "cycle", "smoothed", "out")
+    before = {name: np.copy(arguments[name]) for name in written}
+    with pytest.raises(ValueError, match=message):
+        _windows.update(*arguments.values())
+    for name in written:
+        np.testing.assert_array_equal(arguments[name], before[name])
 
 
 def test_batch_handles_lifetimes_of_one_device_and_unsorted_input(fd001: pd.DataFrame) -> None:

@@ -5,8 +5,10 @@ exponential smoothing factors; a spec fitted on training data (`fit_spec`) also 
 fleet's operating regimes, within which each sensor is standardised before anything else
 (turbofan_core/regimes.py). `compute_features` is the batch engine (training over the
 warehouse); `StreamingFeatures` is the edge engine, keeping O(max window) state per device.
-Both call the same `OperatingRegimes.standardise`, `_window_statistics` and smoothing
-recurrence, so a model never sees features computed differently from those it was trained on.
+Both call the same `OperatingRegimes.standardise` and window statistics (`row_statistics` in
+`_windows.c`: through `_window_statistics` in batch, inside the streaming update) and compute the
+same smoothing recurrence, so a model never sees features computed differently from those it was
+trained on.
 
 Windows count messages, not cycles: a missed cycle is simply absent from the window.
 A window that is not full yet (the start of a trajectory) uses the values so far; the
@@ -218,7 +220,8 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each computed block goes in feature_names: window statistics as
-    (statistics, windows, sensors), raw values as (sensors,), smoothed as (alphas, sensors)."""
+    (statistics, windows, sensors), raw values as (sensors,), smoothed as (alphas, sensors);
+    int64, as the streaming update in C reads them."""
     index = {name: i for i, name in enumerate(spec.feature_names)}
     shape = (len(spec.statistics), len(spec.windows), len(spec.sensors))
     stats = [
@@ -226,10 +229,15 @@ def _layout(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ]
     ewm = [index[_ewm_name(s, a)] for a in spec.ewm_alphas for s in spec.sensors]
     return (
-        np.array(stats, dtype=np.intp).reshape(shape),
-        np.array([index[s] for s in spec.sensors], dtype=np.intp),
-        np.array(ewm, dtype=np.intp).reshape(len(spec.ewm_alphas), len(spec.sensors)),
+        np.array(stats, dtype=np.int64).reshape(shape),
+        np.array([index[s] for s in spec.sensors], dtype=np.int64),
+        np.array(ewm, dtype=np.int64).reshape(len(spec.ewm_alphas), len(spec.sensors)),
     )
+
+
+def _statistic_codes(statistics: tuple[str, ...]) -> bytes:
+    """The C code of each statistic (`_windows.c`): its index in STATISTICS."""
+    return bytes(STATISTICS.index(statistic) for statistic in statistics)
 
 
 def _window_statistics(
@@ -254,7 +262,7 @@ def _window_statistics(
     rows = np.arange(rings) if rows is None else rows
     start = np.zeros(len(rows), dtype=np.int64) if start is None else start
     out = np.empty((len(statistics), len(rows), sensors))
-    codes = bytes(STATISTICS.index(statistic) for statistic in statistics)
+    codes = _statistic_codes(statistics)
     arguments = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, start, count))
     _windows.statistics(window, rings, span, sensors, w, *arguments, codes, out)
     return out
@@ -347,14 +355,18 @@ class StreamingFeatures:
 
     Every device's state lives in a row of shared arrays (its last max_window values in a ring, the
     oldest at `start`, its smoothed values, cycle and count), so that `update_many` moves a whole
-    round of devices with a few numpy calls instead of Python work per device, and a message
-    writes its values into the ring instead of moving the window.
+    round of devices and writes their feature rows in one call into C (`_windows.update`) instead
+    of Python or numpy work per step, and a message writes its values into the ring instead of
+    moving the window.
     """
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
         self._stats_columns, self._raw_columns, self._ewm_columns = _layout(spec)
-        self._alphas = np.array(spec.ewm_alphas)[:, None]
+        # What the C update reads of the spec.
+        self._alphas = np.array(spec.ewm_alphas, dtype=np.float64)
+        self._windows = np.array(spec.windows, dtype=np.int64)
+        self._codes = _statistic_codes(spec.statistics)
         self._rows: dict[str, int] = {}  # device -> its row in the state arrays
         self._free: list[int] = []  # rows of devices reset since
         sensors = len(spec.sensors)
@@ -399,9 +411,9 @@ class StreamingFeatures:
     def update_many(self, device_ids: Sequence[str], cycles: Sequence[int], values: np.ndarray) -> np.ndarray:
         """`update` for several devices at once (each at most once), one feature row per device.
 
-        The window statistics of every device are computed in one vectorised pass, which is
-        what lets the edge score batches from many devices faster than one message at a time;
-        the result equals calling `update` for each in turn.
+        One call into C updates every device's state and computes its feature row, which is what
+        lets the edge score batches from many devices faster than one message at a time; the
+        result equals calling `update` for each in turn.
         """
         if len(set(device_ids)) != len(device_ids):
             raise ValueError("update_many takes each device at most once; split repeats into rounds")
@@ -409,24 +421,36 @@ class StreamingFeatures:
         spec = self.spec
         if x.shape != (len(device_ids), len(spec.inputs)):
             raise ValueError(f"expected ({len(device_ids)}, {len(spec.inputs)}) values, got {x.shape}")
+        cycle = np.array(cycles, dtype=np.int64)
+        if cycle.shape != (len(device_ids),):
+            raise ValueError(f"expected {len(device_ids)} cycles, got shape {cycle.shape}")
         if not np.isfinite(x).all():
             raise ValueError("sensor values must be finite")
-        x = spec.sensor_values(x)
-        cycle = np.array(cycles, dtype=np.int64)
-        rows = np.array([self._row(device_id) for device_id in device_ids], dtype=np.intp)
-        fresh = (self._count[rows] == 0) | (cycle <= self._cycle[rows])  # a new lifetime
-        self._cycle[rows] = cycle
-        count = np.where(fresh, 1, self._count[rows] + 1)
-        self._count[rows] = count
-        slot = np.where(fresh, 0, self._start[rows])  # the oldest value's, or a new lifetime's first
-        self._history[rows, slot] = x
-        start = (slot + 1) % spec.max_window
-        self._start[rows] = start
-        if spec.ewm_alphas:
-            smoothed = self._alphas * x[:, None, :] + (1 - self._alphas) * self._smoothed[rows]
-            smoothed[fresh] = x[fresh, None, :]
-            self._smoothed[rows] = smoothed
-        return self._features(rows, start, count, cycle, x, self._smoothed[rows])
+        x = np.ascontiguousarray(spec.sensor_values(x))
+        rows = np.array([self._row(device_id) for device_id in device_ids], dtype=np.int64)
+        features = np.empty((len(rows), len(self.feature_names)))
+        _windows.update(
+            self._history,
+            spec.max_window,
+            len(spec.sensors),
+            self._start,
+            self._count,
+            self._cycle,
+            self._smoothed,
+            self._alphas,
+            rows,
+            cycle,
+            x,
+            self._windows,
+            self._codes,
+            features.shape[1],
+            0 if spec.include_cycle else -1,  # CycleTime is the first column
+            self._raw_columns,
+            self._stats_columns,
+            self._ewm_columns,
+            features,
+        )
+        return features
 
     def _row(self, device_id: str) -> int:
         """The device's row in the state arrays, given one (the arrays grown) if it has none."""
@@ -447,27 +471,3 @@ class StreamingFeatures:
         self._cycle = np.concatenate([self._cycle, np.zeros(extra, dtype=np.int64)])
         self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
         self._free.extend(range(old + extra - 1, old - 1, -1))  # popped lowest first
-
-    def _features(
-        self,
-        rows: np.ndarray,
-        start: np.ndarray,
-        counts: np.ndarray,
-        cycles: np.ndarray,
-        x: np.ndarray,
-        smoothed: np.ndarray,
-    ) -> np.ndarray:
-        """Feature rows of updated devices: their rows in the state arrays and rings' starts, counts,
-        cycles, values (devices, sensors) and smoothed values (devices, alphas, sensors)."""
-        spec = self.spec
-        features = np.empty((len(x), len(self.feature_names)))
-        if spec.include_cycle:
-            features[:, 0] = cycles
-        features[:, self._raw_columns] = x
-        for j, w in enumerate(spec.windows):  # each over its own last w slots, as the batch engine slides it
-            count = np.minimum(counts, w)
-            statistics = _window_statistics(self._history, w, count, spec.statistics, rows, start)
-            features[:, self._stats_columns[:, j, :]] = statistics.transpose(1, 0, 2)
-        if spec.ewm_alphas:
-            features[:, self._ewm_columns] = smoothed
-        return features
