@@ -8,10 +8,11 @@ this message seen? what is this device's lifetime so far?) is answered from memo
 the file at start and changed only after each commit.
 
 A commit is durable once the WAL is fsync'd, which a thread of its own (in C, without the
-interpreter) does for every commit made meanwhile (group commit, `_WalSync`): `record()` returns once its commit is fsync'd, or at once
-with `durable=False` for a caller that awaits `synced()` before it answers, so the event loop goes
-on serving while the disk syncs. A message acknowledged that way survives SIGKILL and power loss.
-The WAL is copied into the database file by a thread of its own (see `_checkpoint_continually`).
+interpreter) does for every commit made meanwhile (group commit, `_WalSync`): `record()` returns
+once its commit is fsync'd, or at once with `durable=False` for a caller that awaits `synced()`
+before it answers, so the event loop goes on serving while the disk syncs. A message acknowledged
+that way survives SIGKILL and power loss. The WAL is copied into the database file by a thread of
+its own (see `_checkpoint_continually`).
 
 Writes from every thread share one connection guarded by a lock: SQLite lets one writer in at a
 time anyway, and per-thread connections would only add SQLITE_BUSY waits between threads of one
@@ -151,14 +152,16 @@ class _WalSync:
     number. After a failed fsync nothing more is acknowledged: the kernel may have dropped the
     unwritten pages, so every wait raises that error from then on.
 
-    An event loop with waiters watches the syncer's pipe, which gets a byte after each fsync; the
-    watch is removed once the loop has no waiter left, so no loop watches a store that closed."""
+    An event loop that waited watches the syncer's pipe, which gets a byte after each fsync, until
+    the store closes. The watch holds the syncer, whose pipe closes with it: no loop ever watches a
+    closed pipe, or a new file given its number."""
 
     def __init__(self, wal: Path) -> None:
         self._fd = os.open(wal, os.O_RDONLY | os.O_CREAT, 0o600)
         self._syncer = Syncer(self._fd)
         self._lock = threading.Lock()
         self._waiters: dict[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._watching: set[asyncio.AbstractEventLoop] = set()
         self.committed = self._syncer.committed  # count one more commit (after COMMIT): its number
         self.committed_so_far = self._syncer.committed_so_far
 
@@ -180,10 +183,10 @@ class _WalSync:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            waiting = self._waiters.setdefault(loop, [])
-            if not waiting:
+            if loop not in self._watching:
                 loop.add_reader(self._syncer.fileno(), self._on_synced, loop)
-            waiting.append((number, future))
+                self._watching.add(loop)
+            self._waiters.setdefault(loop, []).append((number, future))
         await future
 
     def _on_synced(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -210,9 +213,6 @@ class _WalSync:
                     continue
                 due = [w for w in waiting if error is not None or w[0] <= synced]
                 self._waiters[loop] = [w for w in waiting if error is None and w[0] > synced]
-                if not self._waiters[loop]:
-                    del self._waiters[loop]
-                    loop.remove_reader(self._syncer.fileno())
         for _, future in due:
             if future.done():  # cancelled: the request was abandoned
                 continue
@@ -221,16 +221,22 @@ class _WalSync:
             else:
                 future.set_exception(error)
 
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In `loop`, once the store closed: settle what waits, stop watching."""
+        self._on_synced(loop)
+        loop.remove_reader(self._syncer.fileno())
+
     def close(self) -> None:
-        """Once every commit counted is fsync'd; loops still waiting are woken to settle."""
+        """Once every commit counted is fsync'd; each watching loop settles its waiters and stops
+        watching (on its next turn)."""
         self._syncer.close()
         with self._lock:
-            loops = list(self._waiters)
+            loops, self._watching = self._watching, set()
         for loop in loops:
             try:
-                loop.call_soon_threadsafe(self._on_synced, loop)
+                loop.call_soon_threadsafe(self._unwatch, loop)
             except RuntimeError:
-                pass  # closed: nobody awaits its answers any more
+                pass  # closed, and its watch with it
         os.close(self._fd)
 
 

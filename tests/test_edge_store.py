@@ -261,6 +261,7 @@ def test_event_loops_in_several_threads_each_get_their_acknowledgements(tmp_path
             other.record([telemetry("A", "m1", 1)], durable=False)
             await other.synced()
             watched = other._sync._syncer.fileno()
+        await asyncio.sleep(0)  # the loop's turn to stop watching the closed store
         del other  # its pipe closes with it, and the number is free again
         opened = [os.pipe() for _ in range(16)]  # the lowest free numbers: the old pipe's among them
         try:
