@@ -126,8 +126,10 @@ def test_bad_records_are_quarantined_and_the_rest_ingested(turbofan_home: Path) 
     anonymous = CaptureRecord(good[0].enqueued_time_utc, good[0].body, {}, {})
     nan_body = encode_body({"CycleTime": 4, **dict.fromkeys(MEASUREMENTS, 1.0)})
     nan = device_message("Client_009", nan_body.replace(b'"Sensor3":1.0', b'"Sensor3":NaN'), T0, {})
+    huge_body = nan_body.replace(b'"Sensor7":1.0', b'"Sensor7":' + b"9" * 400)  # JSON has no number limit
+    huge = device_message("Client_009", huge_body, T0, {})
     name = "hub/00/2026/11/27/08/00"
-    records = [good[0], not_json, good[1], anonymous, nan, good[2]]
+    records = [good[0], not_json, good[1], anonymous, nan, huge, good[2]]
     LocalStore(home.landing).create(name, encode_avro(records))
 
     result = run(home, batch=[ingest_landing_zone, *CHECKS])
@@ -135,7 +137,7 @@ def test_bad_records_are_quarantined_and_the_rest_ingested(turbofan_home: Path) 
     assert query(home, "SELECT CycleTime, source_file, position FROM telemetry ORDER BY 1") == [
         (1, name, 0),
         (2, name, 2),
-        (3, name, 5),
+        (3, name, 6),
     ]
     quarantined = query(
         home, "SELECT source_file, position, device_id, body, reason FROM telemetry_quarantine ORDER BY 2"
@@ -144,12 +146,17 @@ def test_bad_records_are_quarantined_and_the_rest_ingested(turbofan_home: Path) 
         (name, 1, "Client_009", b"{oops"),
         (name, 3, None, good[0].body),
         (name, 4, "Client_009", nan.body),
+        (name, 5, "Client_009", huge.body),
     ]
     reasons = [row[4] for row in quarantined]
     assert reasons[0].startswith("body is not JSON")
-    assert reasons[1:] == ["no device id (connectionDeviceId is missing)", "Sensor3 is NaN"]
-    assert metadata(result, "telemetry_quarantine")["new_rows"] == 3
-    assert query(home, "SELECT records, telemetry, quarantined FROM landing_files") == [(6, 3, 3)]
+    assert reasons[1:] == [
+        "no device id (connectionDeviceId is missing)",
+        "Sensor3 is NaN",
+        "Sensor7 is an integer beyond a float's range",
+    ]
+    assert metadata(result, "telemetry_quarantine")["new_rows"] == 4
+    assert query(home, "SELECT records, telemetry, quarantined FROM landing_files") == [(7, 3, 4)]
     # Half the records were bad: the quarantine-rate check fails, and says why.
     assert checks(result)["quarantine_rate_below_threshold"] is False
 
