@@ -81,6 +81,24 @@ MALFORMED = [
     (body(Sensor7=float("inf")), "C1", {}, None, None, "Sensor7 is infinite"),
     (body(OperationalSetting2=float("-inf")), "C1", {}, None, None, "OperationalSetting2 is infinite"),
     (body(Sensor7=-(10**400)), "C1", {}, None, None, "Sensor7 is an integer beyond a float's range"),
+    # Two that cancel out, ahead of any float: an exact sum of the integers would not notice either.
+    (
+        body(OperationalSetting1=10**400, OperationalSetting2=-(10**400)),
+        "C1",
+        {},
+        None,
+        None,
+        "OperationalSetting1 is an integer beyond a float's range",
+    ),
+    # Every measurement an integer, one of them too large.
+    (
+        body(**{**dict.fromkeys(MEASUREMENTS, 1), "Sensor21": 10**400}),
+        "C1",
+        {},
+        None,
+        None,
+        "Sensor21 is an integer beyond a float's range",
+    ),
     (body(CycleTime=0), "C1", {}, None, None, "CycleTime must be a positive integer, got 0"),
     (body(CycleTime=-3), "C1", {}, None, None, "CycleTime must be a positive integer, got -3"),
     (body(CycleTime=2.5), "C1", {}, None, None, "CycleTime must be a positive integer, got 2.5"),
@@ -205,6 +223,7 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
         )
     ]
     cases += [(raw, "Client_002", {}, None, None) for raw in (None, b"", b"[1]", b"{", b'"x"', b"\xff")]
+    cases += [case[:5] for case in MALFORMED]
     checked = check_messages(*(list(column) for column in zip(*cases, strict=True)))
 
     accepted = 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -73,7 +72,9 @@ _take_measurements = operator.itemgetter(*MEASUREMENTS)
 def _measurements(body: Mapping[str, object]) -> tuple[float | int, ...]:
     try:  # the usual message, in a few C-level passes: every field there, plain, and finite
         values = _take_measurements(body)
-        if set(map(type, values)) <= _PLAIN_NUMBERS and math.isfinite(sum(values)):
+        # Summed as floats: each value converted on its own, so one beyond a float's range raises
+        # (an exact integer sum could cancel it out).
+        if set(map(type, values)) <= _PLAIN_NUMBERS and math.isfinite(sum(values, 0.0)):
             return values
     except (KeyError, OverflowError):  # the field by field checks below name the reason
         pass
@@ -83,8 +84,11 @@ def _measurements(body: Mapping[str, object]) -> tuple[float | int, ...]:
         value = body[name]
         if isinstance(value, bool) or not isinstance(value, _NUMBER):
             raise InvalidMessage(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        if isinstance(value, int) and not -sys.float_info.max <= value <= sys.float_info.max:
-            raise InvalidMessage(f"{name} is an integer beyond a float's range")  # JSON allows it
+        if isinstance(value, int):
+            try:  # JSON allows any integer; stored as a float (rounded, as numpy rounds it)
+                float(value)
+            except OverflowError:
+                raise InvalidMessage(f"{name} is an integer beyond a float's range") from None
         if math.isnan(value):
             raise InvalidMessage(f"{name} is NaN")
         if math.isinf(value):
