@@ -10,8 +10,8 @@
  * Here the thread works under a mutex of its own and tells the event loop through a pipe, which
  * the loop watches (`fileno`): the interpreter is only ever held by the threads that run Python.
  *
- * After a failed fsync nothing more is acknowledged (the kernel may have dropped the unwritten
- * pages): `synced` and `wait` raise that error from then on.
+ * After a failed fsync no later commit is acknowledged (the kernel may have dropped the unwritten
+ * pages): `synced` raises that error from then on, and `wait` for any commit not synced before it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,7 +46,7 @@ static void *run(void *arg) {
     pthread_mutex_lock(&self->mutex);
     for (;;) {
         while (self->committed == self->synced && !self->closing) pthread_cond_wait(&self->changed, &self->mutex);
-        if (self->committed == self->synced || self->error) break; /* closing with nothing left to sync */
+        if (self->committed == self->synced) break; /* closing with nothing left to sync */
         const int64_t target = self->committed;
         pthread_mutex_unlock(&self->mutex);
         const int failed = datasync(self->fd) != 0 ? errno : 0;
@@ -121,7 +121,7 @@ static PyObject *Syncer_committed(Syncer *self, PyObject *Py_UNUSED(ignored)) {
         return NULL;
     }
     const int64_t number = ++self->committed;
-    pthread_cond_signal(&self->changed);
+    pthread_cond_broadcast(&self->changed); /* the thread, and any waiter (the condition is shared) */
     pthread_mutex_unlock(&self->mutex);
     return PyLong_FromLongLong(number);
 }

@@ -149,8 +149,9 @@ class _WalSync:
     """Group commit: the WAL is fsync'd for every commit made while the fsync before ran, by a
     thread of `_wal_sync.Syncer` that never holds the interpreter (`_wal_sync.c` says why). Commits
     are counted (`committed`); a commit is durable once `wait` or `wait_async` returns for its
-    number. After a failed fsync nothing more is acknowledged: the kernel may have dropped the
-    unwritten pages, so every wait raises that error from then on.
+    number. After a failed fsync no later commit is acknowledged (the kernel may have dropped the
+    unwritten pages): `wait` raises that error for any commit not fsync'd before it, `wait_async`
+    for any commit.
 
     An event loop that waited watches the syncer's pipe, which gets a byte after each fsync, until
     the store closes. The watch holds the syncer, whose pipe closes with it: no loop ever watches a
@@ -158,10 +159,15 @@ class _WalSync:
 
     def __init__(self, wal: Path) -> None:
         self._fd = os.open(wal, os.O_RDONLY | os.O_CREAT, 0o600)
-        self._syncer = Syncer(self._fd)
+        try:
+            self._syncer = Syncer(self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._lock = threading.Lock()
         self._waiters: dict[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Future[None]]]] = {}
         self._watching: set[asyncio.AbstractEventLoop] = set()
+        self._closed = False
         self.committed = self._syncer.committed  # count one more commit (after COMMIT): its number
         self.committed_so_far = self._syncer.committed_so_far
 
@@ -183,54 +189,67 @@ class _WalSync:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            if loop not in self._watching:
+            self._waiters.setdefault(loop, []).append((number, future))
+            if loop not in self._watching and not self._closed:
+                self._watching = {watching for watching in self._watching if not watching.is_closed()}
                 loop.add_reader(self._syncer.fileno(), self._on_synced, loop)
                 self._watching.add(loop)
-            self._waiters.setdefault(loop, []).append((number, future))
+        # The fsync may have ended since the check above, its byte read by another loop's watch
+        # before this waiter was there to be found: look again now that it is.
+        self._settle(loop)
         await future
 
     def _on_synced(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In `loop`, woken by the pipe: settle its waiters now due, and wake the other loops with
-        some due (the pipe's bytes go to one reader)."""
+        """In `loop`, woken by the pipe: take the bytes, then settle what is due."""
         try:
             os.read(self._syncer.fileno(), 4096)
         except BlockingIOError:
             pass  # read by another loop, or a wake-up sent by one
+        self._settle(loop)
+
+    def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In `loop`: settle its waiters now due, and wake the other loops with some due (the
+        pipe's bytes go to one reader)."""
         try:
-            synced, error = self._syncer.synced(), None
-        except OSError as failure:
-            synced, error = 0, _sync_failed(failure)
+            synced, failure = self._syncer.synced(), None
+        except OSError as error:
+            synced, failure = 0, error
         due: list[tuple[int, asyncio.Future[None]]] = []
         with self._lock:
             for waiting_loop, waiting in list(self._waiters.items()):
-                if not any(error is not None or number <= synced for number, _ in waiting):
+                if not any(failure is not None or number <= synced for number, _ in waiting):
                     continue
                 if waiting_loop is not loop:
                     try:
-                        waiting_loop.call_soon_threadsafe(self._on_synced, waiting_loop)
+                        waiting_loop.call_soon_threadsafe(self._settle, waiting_loop)
                     except RuntimeError:  # that loop is closed: nobody awaits its answers any more
                         del self._waiters[waiting_loop]
                     continue
-                due = [w for w in waiting if error is not None or w[0] <= synced]
-                self._waiters[loop] = [w for w in waiting if error is None and w[0] > synced]
+                due = [w for w in waiting if failure is not None or w[0] <= synced]
+                left = [w for w in waiting if failure is None and w[0] > synced]
+                if left:
+                    self._waiters[loop] = left
+                else:
+                    del self._waiters[loop]
         for _, future in due:
             if future.done():  # cancelled: the request was abandoned
                 continue
-            if error is None:
+            if failure is None:
                 future.set_result(None)
             else:
-                future.set_exception(error)
+                future.set_exception(_sync_failed(failure))
 
     def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """In `loop`, once the store closed: settle what waits, stop watching."""
-        self._on_synced(loop)
+        self._settle(loop)
         loop.remove_reader(self._syncer.fileno())
 
     def close(self) -> None:
         """Once every commit counted is fsync'd; each watching loop settles its waiters and stops
-        watching (on its next turn)."""
+        watching (on its next turn), and no loop starts watching from then on."""
         self._syncer.close()
         with self._lock:
+            self._closed = True
             loops, self._watching = self._watching, set()
         for loop in loops:
             try:
@@ -240,7 +259,7 @@ class _WalSync:
         os.close(self._fd)
 
 
-def _sync_failed(error: OSError | None) -> OSError:
+def _sync_failed(error: OSError) -> OSError:
     return OSError(f"the store's disk failed to sync: {error}")
 
 

@@ -266,6 +266,10 @@ def test_the_c_update_writes_the_state_and_every_column() -> None:
         ({"ewm_columns": np.array([11, 13], dtype=np.int64)}, r"ewm_columns\[1\] = 13"),
         ({"start": np.array([0, 3], dtype=np.int64)}, "row 0: start or count out of range"),
         ({"count": np.array([0, -1], dtype=np.int64)}, "row 0: start or count out of range"),
+        # One more message would overflow the count, and a wrapped count reads outside the ring.
+        ({"count": np.array([0, 2**63 - 1], dtype=np.int64)}, "row 0: start or count out of range"),
+        # The update writes `start` while it reads `rows`: a checked row must not change under it.
+        ({"start": (shared := np.zeros(2, dtype=np.int64)), "rows": shared[1:]}, "start and rows share"),
         ({"history": np.zeros((2, 2, 2))}, "history holds 64 bytes"),
         ({"smoothed": np.zeros((2, 2, 2))}, "smoothed holds"),
         ({"values": np.zeros((1, 3))}, "values holds"),
@@ -286,6 +290,8 @@ def test_the_c_update_writes_the_state_and_every_column() -> None:
         "ewm-column",
         "ring-start",
         "negative-count",
+        "count-at-its-largest",
+        "aliased-buffers",
         "history-size",
         "smoothed-size",
         "values-size",

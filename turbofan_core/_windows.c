@@ -9,7 +9,7 @@
  * temporaries and without the GIL. And the edge scores single messages: moving a device's state
  * (ring, smoothed values, cycle, count) and assembling its feature row took about 30 numpy calls,
  * some 40 us of per-call overhead for a few hundred floating-point operations; `update` does it
- * in one call.
+ * in one call (without the GIL from GIL_FREE_ROWS devices).
  *
  * The formula: of a row's last `w` slots, the last count[r] are valid (count between 1 and w); the
  * mean is their sum divided by n = count[r]; std (population) and slope (least squares against
@@ -18,7 +18,8 @@
  * Sums run over the slots in order, so both engines get the same bits from the same values.
  *
  * The caller checks the arrays' shapes and types; here each buffer's size and each count, index
- * and column is checked.
+ * and column is checked, and `update`'s buffers must not overlap (it writes some while it reads
+ * indices from others).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -68,6 +69,20 @@ static int indices_in(Py_buffer *buffer, Py_ssize_t items, int64_t low, int64_t 
             PyErr_Format(PyExc_ValueError, "%s[%zd] = %lld out of range [%lld, %lld)", name, i, (long long)index[i],
                          (long long)low, (long long)high);
             return -1;
+        }
+    return 0;
+}
+
+/* 0 when no two of the `n` buffers share a byte; else -1, ValueError set. The update reads indices
+ * from some buffers while it writes others: checked indices must not change under it. */
+static int disjoint(const Py_buffer *buffers, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++) {
+            const char *a = buffers[i].buf, *b = buffers[j].buf;
+            if (buffers[i].len > 0 && buffers[j].len > 0 && a < b + buffers[j].len && b < a + buffers[i].len) {
+                PyErr_Format(PyExc_ValueError, "%s and %s share memory", names[i], names[j]);
+                return -1;
+            }
         }
     return 0;
 }
@@ -182,6 +197,8 @@ done:
     return result;
 }
 
+enum { GIL_FREE_ROWS = 64 }; /* from this many rows `update` runs without the interpreter */
+
 enum {
     U_HISTORY, U_START, U_COUNT, U_CYCLE, U_SMOOTHED, U_ALPHAS, U_ROWS, U_CYCLES, U_VALUES, U_WINDOWS, U_CODES,
     U_RAW, U_STATS, U_EWM, U_OUT, N_UPDATE_BUFFERS
@@ -205,6 +222,10 @@ static PyObject *update(PyObject *Py_UNUSED(module), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "span, sensors, features or cycle_column out of range");
         goto done;
     }
+    static const char *const names[N_UPDATE_BUFFERS] = {
+        "history", "start", "count", "cycle", "smoothed", "alphas", "rows", "cycles", "values", "windows", "codes",
+        "raw_columns", "stats_columns", "ewm_columns", "out"};
+    if (disjoint(b, names, N_UPDATE_BUFFERS) < 0) goto done;
     if (shape_is(&b[U_HISTORY], devices, span, sensors, "history") < 0 ||
         shape_is(&b[U_START], devices, 1, 1, "start") < 0 || shape_is(&b[U_COUNT], devices, 1, 1, "count") < 0 ||
         shape_is(&b[U_CYCLE], devices, 1, 1, "cycle") < 0 ||
@@ -228,7 +249,7 @@ static PyObject *update(PyObject *Py_UNUSED(module), PyObject *args) {
     int64_t *start = b[U_START].buf, *count = b[U_COUNT].buf, *cycle = b[U_CYCLE].buf;
     const int64_t *row = b[U_ROWS].buf;
     for (Py_ssize_t i = 0; i < rows; i++) {
-        if (start[row[i]] < 0 || start[row[i]] >= span || count[row[i]] < 0) {
+        if (start[row[i]] < 0 || start[row[i]] >= span || count[row[i]] < 0 || count[row[i]] == INT64_MAX) {
             PyErr_Format(PyExc_ValueError, "row %zd: start or count out of range", i);
             goto done;
         }
@@ -244,7 +265,9 @@ static PyObject *update(PyObject *Py_UNUSED(module), PyObject *args) {
         const double *alpha = b[U_ALPHAS].buf, *values = b[U_VALUES].buf;
         const int64_t *cycles = b[U_CYCLES].buf, *window = b[U_WINDOWS].buf, *raw_columns = b[U_RAW].buf,
                       *stats_columns = b[U_STATS].buf, *ewm_columns = b[U_EWM].buf;
-        Py_BEGIN_ALLOW_THREADS;
+        /* A round of a few devices takes a few µs: letting go of the interpreter for it would only
+         * invite another thread to take it, and getting it back can cost far more. */
+        PyThreadState *released = rows >= GIL_FREE_ROWS ? PyEval_SaveThread() : NULL;
         for (Py_ssize_t i = 0; i < rows; i++) {
             const int64_t r = row[i];
             const double *x = values + i * sensors;
@@ -273,7 +296,7 @@ static PyObject *update(PyObject *Py_UNUSED(module), PyObject *args) {
             }
             for (Py_ssize_t k = 0; k < alphas * sensors; k++) feature[ewm_columns[k]] = smooth[k];
         }
-        Py_END_ALLOW_THREADS;
+        if (released != NULL) PyEval_RestoreThread(released);
     }
     result = Py_NewRef(Py_None);
 done:
