@@ -217,7 +217,8 @@ class _WalSync:
         due: list[tuple[int, asyncio.Future[None]]] = []
         with self._lock:
             for waiting_loop, waiting in list(self._waiters.items()):
-                if not any(failure is not None or number <= synced for number, _ in waiting):
+                now_due = [w for w in waiting if failure is not None or w[0] <= synced]
+                if not now_due:
                     continue
                 if waiting_loop is not loop:
                     try:
@@ -225,10 +226,9 @@ class _WalSync:
                     except RuntimeError:  # that loop is closed: nobody awaits its answers any more
                         del self._waiters[waiting_loop]
                     continue
-                due = [w for w in waiting if failure is not None or w[0] <= synced]
-                left = [w for w in waiting if failure is None and w[0] > synced]
-                if left:
-                    self._waiters[loop] = left
+                due = now_due
+                if len(due) < len(waiting):
+                    self._waiters[loop] = [w for w in waiting if failure is None and w[0] > synced]
                 else:
                     del self._waiters[loop]
         for _, future in due:
@@ -626,13 +626,9 @@ class EdgeStore:
         not a whole file's. After a crash midway the shipment is still pinned: its resend holds the
         records left, under the same name, which the landing zone refuses, and this finishes.
         """
-        while True:
-            with self._transaction() as conn:
-                _, more = self._delete_chunk(conn, "first_seq <= ?", [up_to_seq])
-                if not more:
-                    conn.execute("DELETE FROM shipment")
-                    return
-            time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
+        self._delete_in_chunks(
+            "first_seq <= ?", [up_to_seq], last=lambda conn: conn.execute("DELETE FROM shipment")
+        )
 
     def expire(self, older_than: float) -> int:
         """Drop the unshipped records queued before `older_than`, in queue order (up to the first
@@ -650,14 +646,23 @@ class EdgeStore:
             "(SELECT first_seq FROM outbox WHERE queued_at >= ? ORDER BY first_seq LIMIT 1), ?)",
             [older_than, _LAST_SEQ],
         )
-        dropped = 0
+        return self._delete_in_chunks("first_seq < ?", [first_kept])
+
+    def _delete_in_chunks(
+        self, where: str, parameters: list, last: Callable[[sqlite3.Connection], object] | None = None
+    ) -> int:
+        """Delete the outbox rows matching `where`, about DELETE_CHUNK records a transaction, pausing
+        in between; `last` runs in the transaction that deletes the last of them. How many records."""
+        deleted = 0
         while True:
             with self._transaction() as conn:
-                deleted, more = self._delete_chunk(conn, "first_seq < ?", [first_kept])
-            dropped += deleted
+                count, more = self._delete_chunk(conn, where, parameters)
+                if not more and last is not None:
+                    last(conn)
+            deleted += count
             if not more:
-                return dropped
-            time.sleep(0.002)
+                return deleted
+            time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
 
     def _delete_chunk(self, conn: sqlite3.Connection, where: str, parameters: list) -> tuple[int, bool]:
         """Delete the oldest outbox rows matching `where`, whole rows up to DELETE_CHUNK records (one
