@@ -28,7 +28,7 @@
 #include <string.h>
 
 enum { MEAN, STD, SLOPE, MIN, MAX, N_STATISTICS }; /* the codes, in STATISTICS order */
-enum { WINDOW, ROWS, START, COUNT, CODES, OUT, N_BUFFERS };
+enum { WINDOW, COUNT, CODES, OUT, N_BUFFERS };
 
 /* 0 when `buffer` holds a x b x c items of 8 bytes; else -1, ValueError set. The product is built
  * only while it stays within the buffer's size, so sizes too large for a Py_ssize_t cannot wrap round. */
@@ -150,28 +150,27 @@ static void row_statistics(const double *restrict x, Py_ssize_t span, Py_ssize_t
 
 static PyObject *statistics(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_buffer b[N_BUFFERS] = {{0}};
-    Py_ssize_t rings, span, sensors, w;
+    Py_ssize_t windows, span, sensors, w;
     PyObject *result = NULL;
     double *sums = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnnny*y*y*y*w*", &b[WINDOW], &rings, &span, &sensors, &w, &b[ROWS], &b[START],
-                          &b[COUNT], &b[CODES], &b[OUT]))
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*w*", &b[WINDOW], &windows, &span, &sensors, &w, &b[COUNT], &b[CODES],
+                          &b[OUT]))
         return NULL;
-    const Py_ssize_t n_codes = b[CODES].len, rows = b[ROWS].len / 8;
-    if (rings < 0 || sensors < 1 || w < 1 || span < w) {
-        PyErr_SetString(PyExc_ValueError, "rings, span, sensors or w out of range");
+    const Py_ssize_t n_codes = b[CODES].len;
+    if (windows < 0 || sensors < 1 || w < 1 || span < w) {
+        PyErr_SetString(PyExc_ValueError, "windows, span, sensors or w out of range");
         goto done;
     }
-    if (shape_is(&b[WINDOW], rings, span, sensors, "window") < 0 || shape_is(&b[ROWS], rows, 1, 1, "rows") < 0 ||
-        shape_is(&b[START], rows, 1, 1, "start") < 0 || shape_is(&b[COUNT], rows, 1, 1, "count") < 0 ||
-        shape_is(&b[OUT], n_codes, rows, sensors, "out") < 0)
+    if (shape_is(&b[WINDOW], windows, span, sensors, "window") < 0 ||
+        shape_is(&b[COUNT], windows, 1, 1, "count") < 0 || shape_is(&b[OUT], n_codes, windows, sensors, "out") < 0)
         goto done;
     const unsigned char *codes = b[CODES].buf;
     int wanted[N_STATISTICS] = {0};
     if (read_codes(codes, n_codes, wanted) < 0) goto done;
-    const int64_t *ring = b[ROWS].buf, *start = b[START].buf, *count = b[COUNT].buf;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        if (ring[r] < 0 || ring[r] >= rings || start[r] < 0 || start[r] >= span || count[r] < 1 || count[r] > w) {
-            PyErr_Format(PyExc_ValueError, "row %zd: ring, start or count out of range", r);
+    const int64_t *count = b[COUNT].buf;
+    for (Py_ssize_t r = 0; r < windows; r++) {
+        if (count[r] < 1 || count[r] > w) {
+            PyErr_Format(PyExc_ValueError, "window %zd: count out of range", r);
             goto done;
         }
     }
@@ -184,9 +183,9 @@ static PyObject *statistics(PyObject *Py_UNUSED(module), PyObject *args) {
         const double *window = b[WINDOW].buf;
         double *out = b[OUT].buf;
         Py_BEGIN_ALLOW_THREADS;
-        for (Py_ssize_t r = 0; r < rows; r++)
-            row_statistics(window + ring[r] * span * sensors, span, (start[r] + span - w) % span, w, sensors,
-                           count[r], wanted, codes, n_codes, sums, out + r * sensors, rows * sensors);
+        for (Py_ssize_t r = 0; r < windows; r++) /* the last w of its span slots, in order */
+            row_statistics(window + r * span * sensors, span, span - w, w, sensors, count[r], wanted, codes, n_codes,
+                           sums, out + r * sensors, windows * sensors);
         Py_END_ALLOW_THREADS;
     }
     result = Py_NewRef(Py_None);
@@ -308,11 +307,11 @@ done:
 
 static PyMethodDef methods[] = {
     {"statistics", statistics, METH_VARARGS,
-     "statistics(window, rings, span, sensors, w, rows, start, count, codes, out) -> None\n\n"
+     "statistics(window, windows, span, sensors, w, count, codes, out) -> None\n\n"
      "Writes the statistics `codes` names (bytes: 0 mean, 1 std, 2 slope, 3 min, 4 max) of the last `w` "
-     "slots of each ring `rows` names into `out` (float64, codes x rows x sensors). `window` is float64, "
-     "rings x span x sensors: rings of span slots, whose slots in time order begin at `start` (int64, "
-     "one per row, as `rows` and `count`); `count`: how many of the w slots are valid, the last ones."},
+     "slots of each window into `out` (float64, codes x windows x sensors). `window` is float64, "
+     "windows x span x sensors, slots in time order; `count` (int64, one per window): how many of the w "
+     "slots are valid, the last ones."},
     {"update", update, METH_VARARGS,
      "update(history, span, sensors, start, count, cycle, smoothed, alphas, rows, cycles, values, windows, codes, "
      "features, cycle_column, raw_columns, stats_columns, ewm_columns, out) -> None\n\n"

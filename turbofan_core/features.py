@@ -241,30 +241,22 @@ def _statistic_codes(statistics: tuple[str, ...]) -> bytes:
 
 
 def _window_statistics(
-    window: np.ndarray,
-    w: int,
-    count: np.ndarray,
-    statistics: tuple[str, ...],
-    rows: np.ndarray | None = None,
-    start: np.ndarray | None = None,
+    window: np.ndarray, w: int, count: np.ndarray, statistics: tuple[str, ...]
 ) -> np.ndarray:
-    """Statistics (statistics, rows, sensors) of the last `w` slots of windows (rings, span, sensors),
-    of which the last `count` are valid: of the rings `rows` names (all by default), each a ring
-    whose slots in time order begin at `start` (slot 0 by default).
+    """Statistics (statistics, windows, sensors) of the last `w` slots of each window (windows, span,
+    sensors, slots in time order), of which the last `count` are valid.
 
-    The single formula both engines use, in C (`_windows.c`: a pass per sum over a window in cache,
-    instead of numpy's several passes and their temporaries); invalid slots may hold any finite
-    value. std and slope work on values centred on the window mean, which stays accurate for
-    sensors near 9000 with a spread of a few units (E[x^2] - E[x]^2 would not).
+    The single formula both engines use, in C (`row_statistics` in `_windows.c`, which the streaming
+    update calls on each device's ring: a pass per sum over a window in cache, instead of numpy's
+    several passes and their temporaries); invalid slots may hold any finite value. std and slope
+    work on values centred on the window mean, which stays accurate for sensors near 9000 with a
+    spread of a few units (E[x^2] - E[x]^2 would not).
     """
     window = np.ascontiguousarray(window, dtype=np.float64)
-    rings, span, sensors = window.shape
-    rows = np.arange(rings) if rows is None else rows
-    start = np.zeros(len(rows), dtype=np.int64) if start is None else start
-    out = np.empty((len(statistics), len(rows), sensors))
-    codes = _statistic_codes(statistics)
-    arguments = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, start, count))
-    _windows.statistics(window, rings, span, sensors, w, *arguments, codes, out)
+    windows, span, sensors = window.shape
+    out = np.empty((len(statistics), windows, sensors))
+    count = np.ascontiguousarray(count, dtype=np.int64)
+    _windows.statistics(window, windows, span, sensors, w, count, _statistic_codes(statistics), out)
     return out
 
 
