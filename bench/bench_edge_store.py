@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_module.store import EdgeStore, HistoryEntry
-from turbofan_core.capture import CaptureRecord, device_message, encode_record
+from turbofan_core.capture import device_message, encode_record
 from turbofan_core.telemetry import MEASUREMENTS, encode_body
 
 DEVICES = 100
@@ -41,7 +41,7 @@ CREATE TABLE history (device_id TEXT NOT NULL, message_id TEXT NOT NULL, cycle I
     vals BLOB NOT NULL, PRIMARY KEY (device_id, message_id));
 """
 
-Entry = tuple[CaptureRecord, HistoryEntry]
+Entry = tuple[bytes, HistoryEntry]  # a record Avro-encoded, as the edge records it
 
 
 def requests(count: int, first_cycle: int) -> list[list[Entry]]:
@@ -56,7 +56,7 @@ def requests(count: int, first_cycle: int) -> list[list[Entry]]:
                 device, message_id = f"Bench_{d:03d}", uuid.uuid4().hex
                 values = tuple(500.0 + cycle / 7 + d + i for i in range(len(MEASUREMENTS)))
                 body = encode_body({"CycleTime": cycle, **dict(zip(MEASUREMENTS, values, strict=True))})
-                batch.append((device_message(device, body, when, {}, message_id),
+                batch.append((encode_record(device_message(device, body, when, {}, message_id)),
                               HistoryEntry(device, message_id, cycle, values, False)))  # fmt: skip
         made.append(batch)
     return made
@@ -78,9 +78,7 @@ def row_per_message(conn: sqlite3.Connection, batch: list[Entry]) -> None:
         "INSERT INTO history VALUES (?, ?, ?, ?)",
         [(e.device_id, e.message_id, e.cycle, _VALUES.pack(*e.values)) for _, e in batch],
     )
-    conn.executemany(
-        "INSERT INTO outbox (record, queued_at) VALUES (?, ?)", [(encode_record(r), now) for r, _ in batch]
-    )
+    conn.executemany("INSERT INTO outbox (record, queued_at) VALUES (?, ?)", [(r, now) for r, _ in batch])
     conn.execute("COMMIT")
 
 

@@ -61,7 +61,7 @@ from edge_module.scoring import DeviceFeatures
 from edge_module.store import DEFAULT_DEDUPE_WINDOW_SECONDS, EdgeStore, HistoryEntry
 from edge_module.telemetry_endpoint import TelemetryEndpoint
 from turbofan_core.atomic_file import write_atomically
-from turbofan_core.capture import device_message, format_enqueued_time
+from turbofan_core.capture import encode_device_messages, format_enqueued_time
 from turbofan_core.features import StreamingFeatures
 from turbofan_core.storage import ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check_messages, parse_message
@@ -326,17 +326,24 @@ class Edge:
             [m.content_encoding for m in messages],
             [m.parsed for m in messages],
         )
-        measurements = verdicts.measurements.tolist()
         seen = self.store.seen_many(
             [(m.device_id, c.message_id) for m, c in zip(messages, checked, strict=True)]
         )
-        for index, item in enumerate(checked):
-            if not verdicts.valid[index]:
-                reason = verdicts.reasons[index]
+        # Python lists: a numpy element read one at a time costs more than the whole conversion.
+        columns = zip(
+            checked,
+            verdicts.valid.tolist(),
+            verdicts.cycles.tolist(),
+            verdicts.failure.tolist(),
+            verdicts.measurements.tolist(),
+            strict=True,
+        )
+        for item, valid, cycle, failure, measurements in columns:
+            if not valid:
+                reason = verdicts.reasons[item.index]
                 self.metrics.rejections.labels(_rule(reason)).inc()
                 item.result |= {"status": "refused", "reason": reason}
                 continue
-            cycle = int(verdicts.cycles[index])
             item.result["cycle"] = cycle
             key = (item.message.device_id, item.message_id)
             if key in seen:
@@ -344,26 +351,23 @@ class Edge:
                 item.forward = False  # forwarded the first time
                 continue
             seen.add(key)
-            failure = bool(verdicts.failure[index])
-            values = () if failure else tuple(measurements[index])
+            values = () if failure else tuple(measurements)
             item.entry = HistoryEntry(*key, cycle, values, failure)
             item.result["status"] = "failure_event" if failure else "accepted_unscored"
         return checked, verdicts.measurements
 
     def _record(self, checked: list[_Checked], durable: bool) -> None:
         """Commit what is to be forwarded (and the history it adds) in one transaction."""
-        now = format_enqueued_time(datetime.now(UTC))  # one enqueued time for the request
-        entries = [
-            (
-                device_message(
-                    m.device_id, m.body, now, c.properties, c.message_id, m.content_type, m.content_encoding
-                ),
-                c.entry,
-            )
-            for c in checked
-            if c.forward
-            for m in (c.message,)
-        ]
+        forwarded = [c for c in checked if c.forward]
+        records = encode_device_messages(
+            format_enqueued_time(datetime.now(UTC)),  # one enqueued time for the request
+            [
+                (m.device_id, m.body, c.properties, c.message_id, m.content_type, m.content_encoding)
+                for c in forwarded
+                for m in (c.message,)
+            ],
+        )
+        entries = list(zip(records, [c.entry for c in forwarded], strict=True))
         try:
             self.store.record(entries, durable)
         except Exception:

@@ -54,7 +54,6 @@ from typing import NamedTuple
 import orjson
 
 from edge_module._wal_sync import Syncer
-from turbofan_core.capture import CaptureRecord, encode_record
 from turbofan_core.telemetry import MEASUREMENTS
 
 # A device behind an IoT Edge hub resends for at most the hub's timeToLiveSecs (7200 s by
@@ -268,16 +267,6 @@ def _key(device_id: str, message_id: str) -> str:
     return f"{device_id}\0{message_id}"
 
 
-def _check_entry(entry: HistoryEntry, record: CaptureRecord) -> None:
-    if (record.device_id, record.message_id) != entry.key:
-        raise ValueError(
-            f"entry of {'/'.join(entry.key)} given with a record of {record.device_id}/{record.message_id}"
-        )
-    if len(entry.values) != (0 if entry.failure else len(MEASUREMENTS)):
-        kind = "failure" if entry.failure else "telemetry"
-        raise ValueError(f"a {kind} entry with {len(entry.values)} values")
-
-
 class Queued(NamedTuple):
     """One request's records in the outbox."""
 
@@ -453,11 +442,10 @@ class EdgeStore:
 
     # --- recording --------------------------------------------------------------------------------
 
-    def record(
-        self, entries: list[tuple[CaptureRecord, HistoryEntry | None]], durable: bool = True
-    ) -> list[bool]:
-        """Queue each record for forwarding and add its entry to the device history, in one commit
-        (fsync'd before this returns, unless `durable` is False: see `synced`).
+    def record(self, entries: list[tuple[bytes, HistoryEntry | None]], durable: bool = True) -> list[bool]:
+        """Queue each record (Avro-encoded: `capture.encode_record`, or `encode_device_messages` for
+        many) for forwarding and add its entry to the device history, in one commit (fsync'd before
+        this returns, unless `durable` is False: see `synced`).
 
         An entry whose (device, message id) was already recorded is a duplicate: nothing of it
         is written and its flag is False. A record without an entry (a malformed message, for
@@ -474,7 +462,6 @@ class EdgeStore:
             for record, entry in entries:
                 if entry is not None:
                     key = _key(*entry.key)
-                    _check_entry(entry, record)
                     if key in self._seen or key in changes.keys:
                         flags.append(False)
                         continue
@@ -483,13 +470,17 @@ class EdgeStore:
                     closed = changes.closed.get(device, self._closed.get(device, 0))
                     rows.append([device, entry.message_id, entry.cycle, closed, entry.failure])
                     if entry.failure:
+                        if entry.values:
+                            raise ValueError(f"a failure entry with {len(entry.values)} values")
                         changes.closed[device] = closed + 1
                         changes.history = [h for h in changes.history if h[0] != device]
                     else:
+                        if len(entry.values) != len(MEASUREMENTS):
+                            raise ValueError(f"a telemetry entry with {len(entry.values)} values")
                         packed = _ENTRY.pack(entry.cycle, *entry.values)
                         vals.append(packed)
                         changes.history.append((device, entry.message_id, packed))
-                records.append(encode_record(record))
+                records.append(record)
                 flags.append(True)
             now = self.clock()
             if records:

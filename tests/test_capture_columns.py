@@ -14,6 +14,7 @@ import fastavro
 import pytest
 
 from turbofan_core._iothub_avro import decode_records
+from turbofan_core._iothub_avro import encode_records as _encode_records
 from turbofan_core.capture import (
     AVRO_SCHEMA,
     DEVICE_ID,
@@ -22,8 +23,10 @@ from turbofan_core.capture import (
     CorruptCaptureFile,
     device_message,
     encode_avro,
+    encode_device_messages,
     encode_json_lines,
     encode_record,
+    format_enqueued_time,
     read_capture,
     read_columns,
 )
@@ -78,6 +81,40 @@ def test_records_are_encoded_byte_for_byte_as_fastavro_encodes_them() -> None:
             },
         )
         assert encode_record(record) == expected.getvalue()
+
+
+def test_many_device_messages_are_encoded_as_each_record_is() -> None:
+    """The edge's batch encoder writes the bytes of `encode_record(device_message(...))`."""
+    enqueued = format_enqueued_time(WHEN)
+    messages = [
+        ("Client_001", b'{"CycleTime": 1}', {}, None, None, None),
+        ("Client_002", b'{"CycleTime": 2}', {"type": "failure", "rul_p50": "1.5"}, "m-2", None, None),
+        (
+            "Motor_\u00e9\u6a5f",
+            "\u00e9".encode(),
+            {"\u00fcn": "\u00e7" * 300},
+            "m-\u00e9",
+            "text/plain",
+            "utf-16",
+        ),
+        ("Client_003", b"", {}, "", "application/json", "utf-8"),
+    ]
+    expected = [encode_record(device_message(d, b, enqueued, p, m, t, e)) for d, b, p, m, t, e in messages]
+    assert encode_device_messages(enqueued, messages) == expected
+    assert encode_device_messages(enqueued, []) == []
+
+
+def test_the_batch_encoder_refuses_what_it_cannot_write() -> None:
+    with pytest.raises(TypeError, match="body must be bytes"):
+        encode_device_messages("t", [("Client_001", "text", {}, None, None, None)])
+    with pytest.raises(TypeError, match="a property value"):
+        encode_device_messages("t", [("Client_001", b"{}", {"p": 1}, None, None, None)])
+    with pytest.raises(TypeError, match="a property value"):
+        encode_device_messages("t", [(7, b"{}", {}, None, None, None)])  # a device id that is not text
+    with pytest.raises(ValueError, match="2 system values for 3 names"):
+        _encode_records("t", ("a", "b", "c"), [({}, ("x", "y"), b"")])
+    with pytest.raises(TypeError, match="a message is"):
+        _encode_records("t", ("a",), [({}, ["x"], b"")])
 
 
 def test_json_lines_columns_hold_what_the_record_reader_reads() -> None:

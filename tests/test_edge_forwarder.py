@@ -93,7 +93,7 @@ def test_ships_a_file_when_enough_records_or_the_oldest_is_old_enough(
     entries = [telemetry("B", f"B-{cycle}", cycle) for cycle in range(1, 7)]
     assert store.record(entries) == [True] * 6
     assert forwarder.ship_once() == 6
-    assert landing_ids(landing)[-6:] == [record.message_id for record, _ in entries]
+    assert landing_ids(landing)[-6:] == [entry.message_id for _, entry in entries]
 
 
 def test_a_crash_between_creating_and_confirming_a_file_resends_it_under_the_same_name(

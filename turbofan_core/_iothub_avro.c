@@ -272,6 +272,61 @@ done:
     return result;
 }
 
+/* The records of messages that share an enqueued time and their system properties' names: each
+ * message is (properties, system values, body), its values one per name in `keys` (None: absent). */
+static PyObject *encode_records(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *time, *keys, *messages;
+    if (!PyArg_ParseTuple(args, "UO!O!", &time, &PyTuple_Type, &keys, &PyList_Type, &messages)) return NULL;
+    Py_ssize_t n_keys = PyTuple_GET_SIZE(keys), count = PyList_GET_SIZE(messages);
+    for (Py_ssize_t k = 0; k < n_keys; k++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(keys, k))) {
+            PyErr_SetString(PyExc_TypeError, "system property names must be str");
+            return NULL;
+        }
+    }
+    PyObject *result = PyList_New(count);
+    if (result == NULL) return NULL;
+    Writer w = {NULL, 0, 0};
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *properties, *values, *body;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(messages, i), "O!O!O;a message is (properties, system values, body)",
+                              &PyDict_Type, &properties, &PyTuple_Type, &values, &body))
+            goto fail;
+        if (PyTuple_GET_SIZE(values) != n_keys) {
+            PyErr_Format(PyExc_ValueError, "message %zd has %zd system values for %zd names", i,
+                         PyTuple_GET_SIZE(values), n_keys);
+            goto fail;
+        }
+        if (body != Py_None && !PyBytes_Check(body)) {
+            PyErr_Format(PyExc_TypeError, "body must be bytes or None, not %.80s", Py_TYPE(body)->tp_name);
+            goto fail;
+        }
+        Py_ssize_t present = 0;
+        for (Py_ssize_t k = 0; k < n_keys; k++) present += PyTuple_GET_ITEM(values, k) != Py_None;
+        w.size = 0;
+        if (write_string(&w, time, "EnqueuedTimeUtc") < 0 || write_map(&w, properties) < 0 ||
+            (present > 0 && write_long(&w, present) < 0))
+            goto fail;
+        for (Py_ssize_t k = 0; k < n_keys; k++) {
+            PyObject *value = PyTuple_GET_ITEM(values, k);
+            if (value != Py_None && (write_string(&w, PyTuple_GET_ITEM(keys, k), "a property name") < 0 ||
+                                     write_string(&w, value, "a property value") < 0))
+                goto fail;
+        }
+        if (write_long(&w, 0) < 0 || write_long(&w, body != Py_None) < 0) goto fail;
+        if (body != Py_None && write_span(&w, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)) < 0) goto fail;
+        PyObject *record = PyBytes_FromStringAndSize(w.data, w.size);
+        if (record == NULL) goto fail;
+        PyList_SET_ITEM(result, i, record);
+    }
+    PyMem_Free(w.data);
+    return result;
+fail:
+    PyMem_Free(w.data);
+    Py_DECREF(result);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"decode_records", decode_records, METH_VARARGS,
      "decode_records(block, count, strings) -> (times, properties, device_ids, content_types, "
@@ -284,6 +339,11 @@ static PyMethodDef methods[] = {
      "encode_record(enqueued_time_utc, properties, system_properties, body) -> bytes\n\n"
      "One Microsoft.Azure.Devices.Message record in Avro's binary encoding (maps as one block; "
      "body None or bytes)."},
+    {"encode_records", encode_records, METH_VARARGS,
+     "encode_records(enqueued_time_utc, system_keys, messages) -> list[bytes]\n\n"
+     "`encode_record` of many messages enqueued at one time, in one call: each message is "
+     "(properties, system values, body), its system values a tuple matching `system_keys` (a tuple "
+     "of names), None for a property the message does not have."},
     {NULL, NULL, 0, NULL},
 };
 

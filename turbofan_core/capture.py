@@ -24,6 +24,7 @@ import orjson
 
 from turbofan_core._iothub_avro import decode_records
 from turbofan_core._iothub_avro import encode_record as _encode_record
+from turbofan_core._iothub_avro import encode_records as _encode_records
 
 AVRO_SCHEMA: dict = {
     "type": "record",
@@ -43,6 +44,16 @@ DEVICE_ID = "connectionDeviceId"
 MESSAGE_ID = "messageId"  # set by the device (azure-iot-device's Message.message_id); IoT Hub keeps it
 DEFAULT_PARTITIONS = 4
 _SAS_AUTH = '{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}'
+# The system properties IoT Hub gives a device's message, in its order (`_system_values`).
+_SYSTEM_KEYS = (
+    DEVICE_ID,
+    "connectionAuthMethod",
+    "connectionDeviceGenerationId",
+    "contentType",
+    "contentEncoding",
+    "enqueuedTime",
+    MESSAGE_ID,
+)
 
 
 class CorruptCaptureFile(ValueError):
@@ -89,18 +100,46 @@ def device_message(
     The content type and encoding are the device's (default: JSON in UTF-8).
     """
     enqueued = when if isinstance(when, str) else format_enqueued_time(when)
-    system = {
-        DEVICE_ID: device_id,
-        "connectionAuthMethod": _SAS_AUTH,
-        "connectionDeviceGenerationId": "0",
-        "contentType": content_type or "application/json",
-        "contentEncoding": content_encoding or "utf-8",
-        "enqueuedTime": enqueued,
-    }
-    if message_id is not None:
-        system[MESSAGE_ID] = message_id
+    values = _system_values(device_id, enqueued, message_id, content_type, content_encoding)
+    system = {key: value for key, value in zip(_SYSTEM_KEYS, values, strict=True) if value is not None}
     return CaptureRecord(
         enqueued_time_utc=enqueued, body=body, properties=dict(properties), system_properties=system
+    )
+
+
+def encode_device_messages(
+    enqueued: str,
+    messages: Iterable[tuple[str, bytes, dict[str, str], str | None, str | None, str | None]],
+) -> list[bytes]:
+    """`encode_record(device_message(...))` of each message (device id, body, properties, message
+    id, content type, content encoding), all enqueued at `enqueued` (`format_enqueued_time`): the
+    edge's batch path, without a record object per message."""
+    return _encode_records(
+        enqueued,
+        _SYSTEM_KEYS,
+        [
+            (properties, _system_values(device_id, enqueued, message_id, content_type, encoding), body)
+            for device_id, body, properties, message_id, content_type, encoding in messages
+        ],
+    )
+
+
+def _system_values(
+    device_id: str,
+    enqueued: str,
+    message_id: str | None,
+    content_type: str | None,
+    content_encoding: str | None,
+) -> tuple[str | None, ...]:
+    """A device message's system properties, in `_SYSTEM_KEYS` order (None: absent)."""
+    return (
+        device_id,
+        _SAS_AUTH,
+        "0",
+        content_type or "application/json",
+        content_encoding or "utf-8",
+        enqueued,
+        message_id,
     )
 
 
