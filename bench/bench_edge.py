@@ -10,7 +10,8 @@ pipeline's grid), starts `turbofan edge serve` with 200 registered devices, and 
 - the floor, in the same run: XGBoost's own one-row prediction of both models (and, beside it,
   `ModelBundle.predict_matrix` on one row, which walks the trees in C: turbofan_core/trees.py);
 - the disk's own floor for a durable answer: a 4 kB write and fdatasync in the state folder, alone,
-  for 5 s, with its worst stall.
+  for 5 s, with its worst stall;
+- the bytes the service sends to the disk a message, at the steady rate and in batches.
 
 Devices replay FD001 test units with ever-increasing cycles; a device's messages always travel on
 one connection, so they arrive in order. Requests are encoded before the clock starts and sent on
@@ -227,6 +228,15 @@ def _in_threads(target: Callable[[int], None], n: int) -> None:
         thread.join()
 
 
+def bytes_written(pid: int) -> int:
+    """What process `pid` has sent to the disk so far, counted as it dirtied pages (Linux's
+    /proc/PID/io write_bytes): the store's WAL, its checkpoints and the landing zone's files."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/io has no write_bytes")
+
+
 def fsync_ms(folder: Path, seconds: float = 5.0) -> tuple[float, float, float]:
     """p50, p99 and max of a 4 kB write and fdatasync in `folder` (over a 1 MB file, as the store's
     WAL is rewritten), back to back for `seconds`: the disk's own floor for a durable commit, and
@@ -309,16 +319,18 @@ def main() -> None:
             names = list(devices.rows)
             closed_loop(port, [devices.singles(len(names), names)], 60.0)  # every device's state loaded
             requests = devices.singles(int(args.rate * args.seconds), names)
-            began = time.perf_counter()
+            began, written = time.perf_counter(), bytes_written(server.pid)
             latencies, round_trips = (np.array(times) * 1e3 for times in steady(port, requests, args.rate))
             achieved = len(latencies) / (time.perf_counter() - began)  # below the rate: it fell behind
+            single_bytes = (bytes_written(server.pid) - written) / len(latencies)
             p50, p99 = np.percentile(latencies, [50, 99])
             rtt_p50, rtt_p99 = np.percentile(round_trips, [50, 99])
             print(
                 f"steady {args.rate:.0f} msgs/s for {args.seconds:.0f} s ({achieved:,.0f} msgs/s achieved): "
                 f"{len(latencies):,} messages, latency p50 {p50:.2f} ms, p99 {p99:.2f} ms "
                 f"(floor: XGBoost one row, both models, {floor:.3f} ms); round trips alone "
-                f"p50 {rtt_p50:.2f} ms, p99 {rtt_p99:.2f} ms"
+                f"p50 {rtt_p50:.2f} ms, p99 {rtt_p99:.2f} ms; "
+                f"disk written {single_bytes / 1e3:.1f} kB a message"
             )
             max_rate = max(
                 # A device's messages on one connection, so they arrive in order.
@@ -328,10 +340,14 @@ def main() -> None:
             print(f"highest sustained single-message rate: {max_rate:,.0f} msgs/s")
             # Two gateways of 100 devices each: a device's messages stay on one connection, in order.
             halves = [names[: len(names) // 2], names[len(names) // 2 :]]
-            batch_rate = closed_loop(
-                port, [devices.batches(120, BATCH, half) for half in halves], 20.0, BATCH
+            streams = [devices.batches(120, BATCH, half) for half in halves]
+            began, written = time.perf_counter(), bytes_written(server.pid)
+            batch_rate = closed_loop(port, streams, 20.0, BATCH)
+            batch_bytes = (bytes_written(server.pid) - written) / (batch_rate * (time.perf_counter() - began))
+            print(
+                f"batches of {BATCH}: {batch_rate:,.0f} msgs/s; "
+                f"disk written {batch_bytes:,.0f} bytes a message"
             )
-            print(f"batches of {BATCH}: {batch_rate:,.0f} msgs/s")
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -341,7 +357,8 @@ def main() -> None:
         "rtt_p99_ms": round(float(rtt_p99), 3), "max_rate_per_s": round(max_rate),
         "batch_per_s": round(batch_rate), "floor_ms": round(floor, 4), "walk_ms": round(walk, 4),
         "fsync_p50_ms": round(disk_p50, 3), "fsync_p99_ms": round(disk_p99, 3),
-        "fsync_max_ms": round(disk_max, 1),
+        "fsync_max_ms": round(disk_max, 1), "disk_bytes_per_single": round(single_bytes),
+        "disk_bytes_per_batch_message": round(batch_bytes),
     }))  # fmt: skip
 
 
