@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -102,8 +106,9 @@ class DeviceRegistry:
     """Device identities in a JSON file (mode 0o600), rewritten atomically on every change.
 
     Readers never lock: each change builds a new dict and swaps it in after the file is written,
-    so a failed write leaves both the file and the in-memory view as they were. Changes are
-    serialised within a process; two processes writing the same file would lose updates.
+    so a failed write leaves both the file and the in-memory view as they were. A change holds a
+    lock file beside the registry and starts from the file as it is then, so changes made at once
+    by several processes (`turbofan devices create` in parallel) all land.
     """
 
     def __init__(self, path: Path | str, devices: dict[str, DeviceIdentity] | None = None) -> None:
@@ -151,7 +156,7 @@ class DeviceRegistry:
     def create(self, device_id: str) -> DeviceIdentity:
         """Register a device with two fresh random keys."""
         _check_device_id(device_id)
-        with self._lock:
+        with self._changing():
             if device_id in self._devices:
                 raise DeviceExistsError(f"device {device_id!r} already exists")
             identity = DeviceIdentity(device_id, _new_key(), _new_key())
@@ -159,10 +164,24 @@ class DeviceRegistry:
         return identity
 
     def remove(self, device_id: str) -> None:
-        with self._lock:
+        with self._changing():
             if device_id not in self._devices:
                 raise UnknownDeviceError(f"device {device_id!r} is not registered")
             self._save({key: value for key, value in self._devices.items() if key != device_id})
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the registry against this process's other threads and, by a lock file beside it,
+        against other processes; then read the file again, since another process may have changed it."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, _FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._devices = DeviceRegistry.load(self.path)._devices
+                yield
+            finally:
+                os.close(fd)  # and with it the lock
 
     def _save(self, devices: dict[str, DeviceIdentity]) -> None:
         """Replace the file whole (mode 0o600), then publish the new view."""

@@ -7,6 +7,8 @@ import base64
 import os
 import re
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -333,7 +335,44 @@ def test_file_is_0600_after_create_and_remove_whatever_the_umask(tmp_path: Path,
 def test_writes_leave_no_temp_files(registry: DeviceRegistry) -> None:
     registry.remove("Client_001")
     registry.create("Client_003")
-    assert sorted(os.listdir(registry.path.parent)) == ["devices.json"]
+    assert sorted(os.listdir(registry.path.parent)) == [".devices.json.lock", "devices.json"]
+
+
+CREATOR = """
+import sys
+from edge_module.auth import DeviceRegistry
+registry = DeviceRegistry.load(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+for k in range(20):
+    registry.create(f"{sys.argv[2]}_{k:02d}")
+"""
+
+
+def test_processes_changing_the_registry_at_once_lose_nothing(registry: DeviceRegistry) -> None:
+    """Four processes (`turbofan devices create` run in parallel), each with the registry as it was
+    when it started, create 20 devices each at the same moment, while this one removes a device."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    creators = [
+        subprocess.Popen(
+            [sys.executable, "-c", CREATOR, str(registry.path), f"P{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    for creator in creators:
+        assert creator.stdout.readline() == "ready\n"
+    for creator in creators:
+        creator.stdin.write("go\n")
+        creator.stdin.flush()
+    registry.remove("Client_001")
+    for creator in creators:
+        assert creator.wait(timeout=60) == 0
+    created = [f"P{n}_{k:02d}" for n in range(4) for k in range(20)]
+    assert DeviceRegistry.load(registry.path).ids() == sorted(["Client_002", *created])
 
 
 def test_failed_write_changes_nothing(registry: DeviceRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,7 +387,7 @@ def test_failed_write_changes_nothing(registry: DeviceRegistry, monkeypatch: pyt
     with pytest.raises(OSError, match="disk full"):
         registry.remove("Client_001")
     assert registry.path.read_bytes() == before
-    assert sorted(os.listdir(registry.path.parent)) == ["devices.json"]
+    assert sorted(os.listdir(registry.path.parent)) == [".devices.json.lock", "devices.json"]
     assert registry.ids() == ["Client_001", "Client_002"]
 
 
