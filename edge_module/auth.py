@@ -105,10 +105,10 @@ def _sign(key: str, message: str) -> bytes:
 class DeviceRegistry:
     """Device identities in a JSON file (mode 0o600), rewritten atomically on every change.
 
-    Readers never lock: each change builds a new dict and swaps it in after the file is written,
-    so a failed write leaves both the file and the in-memory view as they were. A change holds a
-    lock file beside the registry and starts from the file as it is then, so changes made at once
-    by several processes (`turbofan devices create` in parallel) all land.
+    A change holds a lock file beside the registry and starts from the file as it is then, so
+    changes made at once by several processes (`turbofan devices create` in parallel) all land.
+    Readers never lock: a change builds a new dict and swaps it in after the file is written, so a
+    failed write leaves the file as it was and the in-memory view as the file is.
     """
 
     def __init__(self, path: Path | str, devices: dict[str, DeviceIdentity] | None = None) -> None:

@@ -359,21 +359,20 @@ class Edge:
     def _record(self, checked: list[_Checked], durable: bool) -> None:
         """Commit what is to be forwarded (and the history it adds) in one transaction."""
         forwarded = [c for c in checked if c.forward]
-        records = encode_device_messages(
-            format_enqueued_time(datetime.now(UTC)),  # one enqueued time for the request
-            [
-                (m.device_id, m.body, c.properties, c.message_id, m.content_type, m.content_encoding)
-                for c in forwarded
-                for m in (c.message,)
-            ],
-        )
-        entries = list(zip(records, [c.entry for c in forwarded], strict=True))
         try:
-            self.store.record(entries, durable)
+            records = encode_device_messages(
+                format_enqueued_time(datetime.now(UTC)),  # one enqueued time for the request
+                [
+                    (m.device_id, m.body, c.properties, c.message_id, m.content_type, m.content_encoding)
+                    for c in forwarded
+                    for m in (c.message,)
+                ],
+            )
+            self.store.record(list(zip(records, [c.entry for c in forwarded], strict=True)), durable)
         except Exception:
-            for _, entry in entries:
-                if entry is not None and self._features is not None:  # its state moved on for a lost message
-                    self._features.forget(entry.device_id)
+            for item in forwarded:  # each device's state moved on for a message now lost
+                if item.entry is not None and self._features is not None:
+                    self._features.forget(item.entry.device_id)
             raise
 
     def refresh_metrics(self) -> None:

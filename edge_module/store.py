@@ -464,6 +464,9 @@ class EdgeStore:
         with self._transaction(durable, after_commit=lambda: self._apply(changes)) as conn:
             for record, entry in entries:
                 if entry is not None:
+                    if len(entry.values) != (0 if entry.failure else len(MEASUREMENTS)):
+                        kind = "failure" if entry.failure else "telemetry"
+                        raise ValueError(f"a {kind} entry with {len(entry.values)} values")
                     key = _key(*entry.key)
                     if key in self._seen or key in changes.keys:
                         flags.append(False)
@@ -473,13 +476,9 @@ class EdgeStore:
                     closed = changes.closed.get(device, self._closed.get(device, 0))
                     rows.append([device, entry.message_id, entry.cycle, closed, entry.failure])
                     if entry.failure:
-                        if entry.values:
-                            raise ValueError(f"a failure entry with {len(entry.values)} values")
                         changes.closed[device] = closed + 1
                         changes.history = [h for h in changes.history if h[0] != device]
                     else:
-                        if len(entry.values) != len(MEASUREMENTS):
-                            raise ValueError(f"a telemetry entry with {len(entry.values)} values")
                         packed = _ENTRY.pack(entry.cycle, *entry.values)
                         vals.append(packed)
                         changes.history.append((device, entry.message_id, packed))

@@ -115,6 +115,8 @@ def test_the_batch_encoder_refuses_what_it_cannot_write() -> None:
         _encode_records("t", ("a", "b", "c"), [({}, ("x", "y"), b"")])
     with pytest.raises(TypeError, match="a message is"):
         _encode_records("t", ("a",), [({}, ["x"], b"")])
+    with pytest.raises(TypeError, match="a message is .* not NoneType"):
+        _encode_records("t", ("a",), [None])
 
 
 def test_json_lines_columns_hold_what_the_record_reader_reads() -> None:

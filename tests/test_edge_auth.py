@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import quote
 
@@ -353,24 +354,27 @@ def test_processes_changing_the_registry_at_once_lose_nothing(registry: DeviceRe
     """Four processes (`turbofan devices create` run in parallel), each with the registry as it was
     when it started, create 20 devices each at the same moment, while this one removes a device."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    creators = [
-        subprocess.Popen(
-            [sys.executable, "-c", CREATOR, str(registry.path), f"P{n}"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-        for n in range(4)
-    ]
-    for creator in creators:
-        assert creator.stdout.readline() == "ready\n"
-    for creator in creators:
-        creator.stdin.write("go\n")
-        creator.stdin.flush()
-    registry.remove("Client_001")
-    for creator in creators:
-        assert creator.wait(timeout=60) == 0
+    with ExitStack() as stack:  # each child's pipes closed and the child waited for, whatever happens
+        creators = [
+            stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, "-c", CREATOR, str(registry.path), f"P{n}"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=env,
+                    text=True,
+                )
+            )
+            for n in range(4)
+        ]
+        for creator in creators:
+            assert creator.stdout.readline() == "ready\n"
+        for creator in creators:
+            creator.stdin.write("go\n")
+            creator.stdin.flush()
+        registry.remove("Client_001")
+        for creator in creators:
+            assert creator.wait(timeout=60) == 0
     created = [f"P{n}_{k:02d}" for n in range(4) for k in range(20)]
     assert DeviceRegistry.load(registry.path).ids() == sorted(["Client_002", *created])
 

@@ -96,6 +96,8 @@ def test_an_entry_must_hold_its_kinds_values(store: EdgeStore) -> None:
         store.record([(record, HistoryEntry("A", "m1", 1, (1.0,), True))])
     assert outbox(store) == [] and not store.seen("A", "m1")
     assert store.record([(record, HistoryEntry("A", "m1", 1, (1.0,) * 24, False))]) == [True]
+    with pytest.raises(ValueError, match="a telemetry entry with 2 values"):  # a duplicate too
+        store.record([(record, HistoryEntry("A", "m1", 1, (1.0, 2.0), False))])
 
 
 def test_a_group_is_recorded_whole_or_not_at_all(store: EdgeStore) -> None:

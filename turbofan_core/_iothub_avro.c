@@ -251,21 +251,27 @@ static int write_map(Writer *w, PyObject *map) {
     return write_long(w, 0);
 }
 
+/* The Body union: null, or bytes. */
+static int write_body(Writer *w, PyObject *body) {
+    if (body == Py_None) return write_long(w, 0);
+    if (!PyBytes_Check(body)) {
+        PyErr_Format(PyExc_TypeError, "body must be bytes or None, not %.80s", Py_TYPE(body)->tp_name);
+        return -1;
+    }
+    if (write_long(w, 1) < 0) return -1;
+    return write_span(w, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body));
+}
+
 static PyObject *encode_record(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *time, *properties, *system_properties, *body;
     if (!PyArg_ParseTuple(args, "UO!O!O", &time, &PyDict_Type, &properties, &PyDict_Type, &system_properties,
                           &body))
         return NULL;
-    if (body != Py_None && !PyBytes_Check(body)) {
-        PyErr_Format(PyExc_TypeError, "body must be bytes or None, not %.80s", Py_TYPE(body)->tp_name);
-        return NULL;
-    }
     Writer w = {NULL, 0, 0};
     PyObject *result = NULL;
     if (write_string(&w, time, "EnqueuedTimeUtc") < 0 || write_map(&w, properties) < 0 ||
-        write_map(&w, system_properties) < 0 || write_long(&w, body != Py_None) < 0)
+        write_map(&w, system_properties) < 0 || write_body(&w, body) < 0)
         goto done;
-    if (body != Py_None && write_span(&w, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)) < 0) goto done;
     result = PyBytes_FromStringAndSize(w.data, w.size);
 done:
     PyMem_Free(w.data);
@@ -288,17 +294,18 @@ static PyObject *encode_records(PyObject *Py_UNUSED(module), PyObject *args) {
     if (result == NULL) return NULL;
     Writer w = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *properties, *values, *body;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(messages, i), "O!O!O;a message is (properties, system values, body)",
-                              &PyDict_Type, &properties, &PyTuple_Type, &values, &body))
+        PyObject *message = PyList_GET_ITEM(messages, i), *properties, *values, *body;
+        if (!PyTuple_Check(message)) {
+            PyErr_Format(PyExc_TypeError, "a message is (properties, system values, body), not %.80s",
+                         Py_TYPE(message)->tp_name);
+            goto fail;
+        }
+        if (!PyArg_ParseTuple(message, "O!O!O;a message is (properties, system values, body)", &PyDict_Type,
+                              &properties, &PyTuple_Type, &values, &body))
             goto fail;
         if (PyTuple_GET_SIZE(values) != n_keys) {
             PyErr_Format(PyExc_ValueError, "message %zd has %zd system values for %zd names", i,
                          PyTuple_GET_SIZE(values), n_keys);
-            goto fail;
-        }
-        if (body != Py_None && !PyBytes_Check(body)) {
-            PyErr_Format(PyExc_TypeError, "body must be bytes or None, not %.80s", Py_TYPE(body)->tp_name);
             goto fail;
         }
         Py_ssize_t present = 0;
@@ -313,8 +320,7 @@ static PyObject *encode_records(PyObject *Py_UNUSED(module), PyObject *args) {
                                      write_string(&w, value, "a property value") < 0))
                 goto fail;
         }
-        if (write_long(&w, 0) < 0 || write_long(&w, body != Py_None) < 0) goto fail;
-        if (body != Py_None && write_span(&w, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)) < 0) goto fail;
+        if (write_long(&w, 0) < 0 || write_body(&w, body) < 0) goto fail;
         PyObject *record = PyBytes_FromStringAndSize(w.data, w.size);
         if (record == NULL) goto fail;
         PyList_SET_ITEM(result, i, record);

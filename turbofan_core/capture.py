@@ -101,7 +101,9 @@ def device_message(
     """
     enqueued = when if isinstance(when, str) else format_enqueued_time(when)
     values = _system_values(device_id, enqueued, message_id, content_type, content_encoding)
-    system = {key: value for key, value in zip(_SYSTEM_KEYS, values, strict=True) if value is not None}
+    system = dict(zip(_SYSTEM_KEYS, values, strict=True))
+    if message_id is None:
+        del system[MESSAGE_ID]
     return CaptureRecord(
         enqueued_time_utc=enqueued, body=body, properties=dict(properties), system_properties=system
     )
@@ -131,7 +133,8 @@ def _system_values(
     content_type: str | None,
     content_encoding: str | None,
 ) -> tuple[str | None, ...]:
-    """A device message's system properties, in `_SYSTEM_KEYS` order (None: absent)."""
+    """A device message's system properties, in `_SYSTEM_KEYS` order; the message id is None when
+    the device set none (and then left out)."""
     return (
         device_id,
         _SAS_AUTH,
