@@ -102,6 +102,36 @@ def _sign(key: str, message: str) -> bytes:
     return hmac.digest(_decode_key(key), message.encode("utf-8"), hashlib.sha256)
 
 
+def _read_devices(path: Path) -> dict[str, DeviceIdentity]:
+    """The identities the registry file at `path` holds; none when it does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("device registry %s is readable by others (mode %o); it should be 0600", path, mode)
+    # Messages name the file only: its content is keys.
+    try:
+        entries = json.loads(text)["devices"]
+        devices = {
+            device_id: DeviceIdentity(device_id, entry["primary_key"], entry["secondary_key"])
+            for device_id, entry in entries.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise RegistryError(f"device registry {path} is not a valid registry file") from None
+    for identity in devices.values():
+        _check_device_id(identity.device_id)
+        try:
+            _decode_key(identity.primary_key)
+            _decode_key(identity.secondary_key)
+        except ValueError:
+            raise RegistryError(
+                f"device registry {path}: device {identity.device_id!r} has an invalid key"
+            ) from None
+    return devices
+
+
 class DeviceRegistry:
     """Device identities in a JSON file (mode 0o600), rewritten atomically on every change.
 
@@ -119,33 +149,7 @@ class DeviceRegistry:
     @classmethod
     def load(cls, path: Path | str) -> DeviceRegistry:
         """The registry stored at `path`; a missing file is an empty registry (created on write)."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cls(path)
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            log.warning("device registry %s is readable by others (mode %o); it should be 0600", path, mode)
-        # Messages name the file only: its content is keys.
-        try:
-            entries = json.loads(text)["devices"]
-            devices = {
-                device_id: DeviceIdentity(device_id, entry["primary_key"], entry["secondary_key"])
-                for device_id, entry in entries.items()
-            }
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise RegistryError(f"device registry {path} is not a valid registry file") from None
-        for identity in devices.values():
-            _check_device_id(identity.device_id)
-            try:
-                _decode_key(identity.primary_key)
-                _decode_key(identity.secondary_key)
-            except ValueError:
-                raise RegistryError(
-                    f"device registry {path}: device {identity.device_id!r} has an invalid key"
-                ) from None
-        return cls(path, devices)
+        return cls(path, _read_devices(Path(path)))
 
     def get(self, device_id: str) -> DeviceIdentity | None:
         return self._devices.get(device_id)
@@ -178,7 +182,7 @@ class DeviceRegistry:
             fd = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, _FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._devices = DeviceRegistry.load(self.path)._devices
+                self._devices = _read_devices(self.path)
                 yield
             finally:
                 os.close(fd)  # and with it the lock
