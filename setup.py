@@ -39,10 +39,12 @@ setup(
         ]
     ),
     include_package_data=True,
-    # The column decoder of IoT Hub capture blocks, the tree walk, the window statistics with the
-    # streaming features' update, and the edge store's WAL sync thread (each file's header says why C).
+    # The column decoder of IoT Hub capture blocks, the telemetry contract's fields table, the tree
+    # walk, the window statistics with the streaming features' update, and the edge store's WAL sync
+    # thread (each file's header says why C).
     ext_modules=[
         Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"]),
+        Extension("turbofan_core._contract", ["turbofan_core/_contract.c"]),
         Extension("turbofan_core._trees", ["turbofan_core/_trees.c"]),
         # No fused multiply-add: the smoothing keeps numpy's bits on every platform.
         Extension(

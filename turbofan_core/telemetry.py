@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import orjson
+
+from turbofan_core import _contract
 
 OPERATIONAL_SETTINGS: tuple[str, ...] = tuple(f"OperationalSetting{i}" for i in range(1, 4))
 SENSORS: tuple[str, ...] = tuple(f"Sensor{i}" for i in range(1, 22))
@@ -157,7 +158,6 @@ class CheckedMessages:
 
 _USUAL_CONTENT_TYPES = {CONTENT_TYPE, None}
 _USUAL_ENCODINGS = {CONTENT_ENCODING, None}
-_take_fields = operator.itemgetter(*FIELDS)
 _EXACT_IN_FLOAT = 2**53  # a larger CycleTime is left to parse_message, which keeps it exact
 # From this many messages the column checks pay off; below, numpy's fixed costs (about 50 µs a
 # call) outweigh checking each message with parse_message (about 10 µs), as for an edge's single
@@ -165,16 +165,36 @@ _EXACT_IN_FLOAT = 2**53  # a larger CycleTime is left to parse_message, which ke
 _COLUMNS_FROM = 8
 
 
-def _plain_numbers(rows: list[tuple]) -> np.ndarray:
-    """Which rows (FIELDS values) hold an int CycleTime and plain numbers: not bool, str, None.
+def _loads(body: bytes) -> object:
+    """What orjson.loads gives for `body`; None (not plain: parse_message names why) if it refuses it."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
-    One C-level pass over the batch when all do, the usual case.
-    """
-    if {type(row[0]) for row in rows} == {int} and set(
-        map(type, chain.from_iterable(rows))
-    ) <= _PLAIN_NUMBERS:
-        return np.ones(len(rows), dtype=bool)
-    return np.array([type(row[0]) is int and set(map(type, row)) <= _PLAIN_NUMBERS for row in rows])
+
+def _column_bodies(
+    bodies: Sequence[bytes | None],
+    device_ids: Sequence[str | None],
+    properties: Sequence[Mapping[str, str] | None],
+    content_types: Sequence[str | None],
+    content_encodings: Sequence[str | None],
+    parsed: Sequence[object],
+) -> list[object]:
+    """Each message's parsed body where the column path may take it, else None (parse_message will):
+    the usual message, with a device id, no `type` property but telemetry's (other properties are
+    information), a body, the usual content type and encoding."""
+    messages = zip(bodies, device_ids, properties, content_types, content_encodings, parsed, strict=True)
+    return [
+        (_loads(body) if value is None else value)
+        if device_id
+        and (not props or props.get(TYPE_PROPERTY, TELEMETRY) == TELEMETRY)
+        and body
+        and content_type in _USUAL_CONTENT_TYPES
+        and encoding in _USUAL_ENCODINGS
+        else None
+        for body, device_id, props, content_type, encoding, value in messages
+    ]
 
 
 def check_messages(
@@ -191,57 +211,37 @@ def check_messages(
     where it did not), so they are not parsed twice.
 
     Ingestion validates every message, so the usual telemetry message (a device id, no `type`
-    property but telemetry's, the usual content type, a JSON body holding every field) is checked a
-    column at a time: types over the whole batch, NaN, infinity and cycle ranges in numpy.
-    Anything else, and every message of a batch under _COLUMNS_FROM, goes through parse_message,
-    which names the reason.
+    property but telemetry's, the usual content type, a JSON body holding every field as a plain
+    number) is checked a column at a time: the fields taken and their types checked by
+    `_contract.fields_table` (C), NaN, infinity and cycle ranges in numpy. Anything else, and
+    every message of a batch under _COLUMNS_FROM, goes through parse_message, which names the reason.
     """
     count = len(bodies)
-    usual: list[int] = []
-    rows: list[tuple] = []
-    others: list[int] = []
     if parsed is None:
         parsed = [None] * count
-    messages = zip(bodies, device_ids, properties, content_types, content_encodings, parsed, strict=True)
-    columns = count >= _COLUMNS_FROM
-    for index, (body, device_id, props, content_type, encoding, value) in enumerate(messages):
-        if (
-            columns
-            and device_id
-            and (not props or props.get(TYPE_PROPERTY, TELEMETRY) == TELEMETRY)  # other properties: info
-            and body
-            and content_type in _USUAL_CONTENT_TYPES
-            and encoding in _USUAL_ENCODINGS
-        ):
-            try:
-                rows.append(_take_fields(orjson.loads(body) if value is None else value))
-            except (orjson.JSONDecodeError, TypeError, KeyError):
-                pass
-            else:
-                usual.append(index)
-                continue
-        others.append(index)
+    if any(
+        len(column) != count for column in (device_ids, properties, content_types, content_encodings, parsed)
+    ):
+        raise ValueError("every column of check_messages needs one value per body")
 
     valid = np.zeros(count, dtype=bool)
     cycles = np.zeros(count, dtype=np.int64)
     measurements = np.full((count, len(MEASUREMENTS)), np.nan)
-    if rows:
-        plain = _plain_numbers(rows)
-        table = np.zeros((len(rows), len(FIELDS)))
-        if plain.all():
-            table[:] = rows
-        elif plain.any():  # an empty selection would not have the table's shape
-            table[plain] = [row for row, ok in zip(rows, plain, strict=True) if ok]
+    others: Iterable[int] = range(count)
+    if count >= _COLUMNS_FROM:
+        objects = _column_bodies(bodies, device_ids, properties, content_types, content_encodings, parsed)
+        table = np.empty((count, len(FIELDS)))
+        plain = np.empty(count, dtype=bool)
+        _contract.fields_table(objects, FIELDS, table, plain)
         accept = plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
-        usual_at = np.asarray(usual)
-        valid[usual_at[accept]] = True
-        cycles[usual_at[accept]] = table[accept, 0]
-        measurements[usual_at[accept]] = table[accept, 1:]
-        others.extend(usual_at[~accept].tolist())
+        valid[accept] = True
+        cycles[accept] = table[accept, 0]
+        measurements[accept] = table[accept, 1:]
+        others = np.flatnonzero(~accept).tolist()
 
     failure = np.zeros(count, dtype=bool)
     reasons: dict[int, str] = {}
-    for index in sorted(others):
+    for index in others:
         try:
             message = parse_message(
                 bodies[index],
