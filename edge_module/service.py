@@ -135,13 +135,13 @@ class _Checked:
 
     __slots__ = ("index", "message", "message_id", "entry", "forward", "result", "properties")
 
-    def __init__(self, index: int, message: Incoming, message_id: str) -> None:
+    def __init__(self, index: int, message: Incoming, message_id: str, result: dict[str, Any]) -> None:
         self.index = index  # in the request
         self.message = message
         self.message_id = message_id  # the message's own, or one derived from its bytes
         self.entry: HistoryEntry | None = None  # a valid, new message
         self.forward = True
-        self.result: dict[str, Any] = {"message_id": message_id}
+        self.result = result  # the answer: {"message_id", ...}
         self.properties = message.properties  # forwarded with it: the device's, and once scored, the score
 
     @property
@@ -151,10 +151,8 @@ class _Checked:
     def score(self, row: list[float], model: LoadedModel) -> None:
         point, low, high = row
         version = model.reference.version
-        result = self.result
-        result["status"] = "scored"
-        result["rul"] = {"p50": point, "p10": low, "p90": high}
-        result["model_version"] = version
+        rul = {"p50": point, "p10": low, "p90": high}
+        self.result.update(status="scored", rul=rul, model_version=version)
         self.properties = {**self.properties, "rul_p50": f"{point:.3f}", "model_version": version}
 
 
@@ -273,9 +271,10 @@ class Edge:
         with self._lock:
             model = self.slot.current
             checked, measurements = self._check(messages)
-            scored = [c for c in checked if c.scorable]
+            accepted = [c for c in checked if c.entry is not None]
+            scored = [c for c in accepted if not c.entry.failure]
             telemetry = [c.entry for c in scored]
-            failures = any(c.entry is not None and c.entry.failure for c in checked)
+            failures = len(scored) < len(accepted)
             if model is None or self._features is None:
                 self._record(checked, durable)
             elif not failures and self._features.in_order(telemetry):
@@ -314,45 +313,38 @@ class Edge:
     def _check(self, messages: list[Incoming]) -> tuple[list[_Checked], np.ndarray]:
         """Validate (the contract's batch checks) and deduplicate, without changing any state; the
         checked messages and their measurements (a row each, NaN where refused or a failure event)."""
-        checked = [
-            _Checked(index, m, m.message_id or _derived_id(m.device_id, m.body))
-            for index, m in enumerate(messages)
-        ]
-        verdicts = check_messages(
-            [m.body for m in messages],
-            [m.device_id for m in messages],
-            [m.properties or None for m in messages],
-            [m.content_type for m in messages],
-            [m.content_encoding for m in messages],
-            [m.parsed for m in messages],
-        )
-        seen = self.store.seen_many(
-            [(m.device_id, c.message_id) for m, c in zip(messages, checked, strict=True)]
-        )
+        devices, bodies, properties, message_ids, types, encodings, parsed = zip(*messages, strict=True)
+        ids = [m or _derived_id(d, b) for m, d, b in zip(message_ids, devices, bodies, strict=True)]
+        verdicts = check_messages(bodies, devices, properties, types, encodings, parsed)
+        keys = list(zip(devices, ids, strict=True))
+        seen = self.store.seen_many(keys)
+        checked = []
         # Python lists: a numpy element read one at a time costs more than the whole conversion.
         columns = zip(
-            checked,
+            messages,
+            keys,
             verdicts.valid.tolist(),
             verdicts.cycles.tolist(),
             verdicts.failure.tolist(),
             verdicts.measurements.tolist(),
             strict=True,
         )
-        for item, valid, cycle, failure, measurements in columns:
+        for index, (message, key, valid, cycle, failure, measurements) in enumerate(columns):
+            message_id = key[1]
             if not valid:
-                reason = verdicts.reasons[item.index]
+                reason = verdicts.reasons[index]
                 self.metrics.rejections.labels(_rule(reason)).inc()
-                item.result |= {"status": "refused", "reason": reason}
+                result = {"message_id": message_id, "status": "refused", "reason": reason}
+                checked.append(_Checked(index, message, message_id, result))
                 continue
-            item.result["cycle"] = cycle
-            key = (item.message.device_id, item.message_id)
+            item = _Checked(index, message, message_id, {"message_id": message_id, "cycle": cycle})
+            checked.append(item)
             if key in seen:
                 item.result["status"] = "duplicate"
                 item.forward = False  # forwarded the first time
                 continue
             seen.add(key)
-            values = () if failure else tuple(measurements)
-            item.entry = HistoryEntry(*key, cycle, values, failure)
+            item.entry = HistoryEntry(*key, cycle, () if failure else measurements, failure)
             item.result["status"] = "failure_event" if failure else "accepted_unscored"
         return checked, verdicts.measurements
 

@@ -45,7 +45,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +116,7 @@ class HistoryEntry(NamedTuple):
     device_id: str
     message_id: str
     cycle: int
-    values: tuple[float, ...]  # MEASUREMENTS order; empty for a failure event
+    values: Sequence[float]  # MEASUREMENTS order; empty for a failure event
     failure: bool
 
     @property
@@ -135,6 +135,7 @@ class Shipment:
 
 
 _ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
+_VALUES = len(MEASUREMENTS)
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
 # Requests are queued in sequence order, so the last row holds the last number given (a lookup of
 # the primary key, where max() over an expression would read every row).
@@ -458,30 +459,34 @@ class EdgeStore:
             return []
         flags: list[bool] = []
         records: list[bytes] = []
-        rows: list[list[object]] = []
+        rows: list[tuple[str, str, int, int, bool]] = []
         vals: list[bytes] = []
         changes = _Accepted()
+        seen, accepted, history = self._seen, changes.keys, changes.history  # the loop runs per message
+        lifetimes: dict[str, int] = {}  # each device's lifetime number as this call goes
         with self._transaction(durable, after_commit=lambda: self._apply(changes)) as conn:
             for record, entry in entries:
                 if entry is not None:
-                    if len(entry.values) != (0 if entry.failure else len(MEASUREMENTS)):
-                        kind = "failure" if entry.failure else "telemetry"
-                        raise ValueError(f"a {kind} entry with {len(entry.values)} values")
-                    key = _key(*entry.key)
-                    if key in self._seen or key in changes.keys:
+                    device, message_id, cycle, values, failure = entry
+                    if len(values) != (0 if failure else _VALUES):
+                        kind = "failure" if failure else "telemetry"
+                        raise ValueError(f"a {kind} entry with {len(values)} values")
+                    key = _key(device, message_id)
+                    if key in seen or key in accepted:
                         flags.append(False)
                         continue
-                    changes.keys.add(key)
-                    device = entry.device_id
-                    closed = changes.closed.get(device, self._closed.get(device, 0))
-                    rows.append([device, entry.message_id, entry.cycle, closed, entry.failure])
-                    if entry.failure:
-                        changes.closed[device] = closed + 1
-                        changes.history = [h for h in changes.history if h[0] != device]
+                    accepted.add(key)
+                    lifetime = lifetimes.get(device)
+                    if lifetime is None:
+                        lifetime = lifetimes[device] = self._closed.get(device, 0)
+                    rows.append((device, message_id, cycle, lifetime, failure))
+                    if failure:
+                        lifetimes[device] = changes.closed[device] = lifetime + 1
+                        history[:] = [h for h in history if h[0] != device]
                     else:
-                        packed = _ENTRY.pack(entry.cycle, *entry.values)
+                        packed = _ENTRY.pack(cycle, *values)
                         vals.append(packed)
-                        changes.history.append((device, entry.message_id, packed))
+                        history.append((device, message_id, packed))
                 records.append(record)
                 flags.append(True)
             now = self.clock()
@@ -508,10 +513,10 @@ class EdgeStore:
         for device, closed in changes.closed.items():
             self._closed[device] = closed
             self._history.pop(device, None)
+        history = self._history
         for device, message_id, packed in changes.history:
-            self._history.setdefault(device, {})[message_id] = packed
-        for key in changes.keys:
-            self._seen[key] = changes.seq
+            history.setdefault(device, {})[message_id] = packed
+        self._seen.update(dict.fromkeys(changes.keys, changes.seq))
         self._last_seq += changes.records
 
     def seen_many(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
