@@ -90,6 +90,7 @@ bench: install
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_edge.py
+	$(PY) bench/bench_edge_batch.py
 	$(PY) bench/bench_edge_store.py
 	$(PY) bench/bench_gateway.py
 	$(PY) bench/bench_loop.py

@@ -1,0 +1,142 @@
+"""The edge's POST /telemetry path in this process, without HTTP: the batch path against single messages.
+
+`bench_edge.py` measures the real service over loopback, where the event loop also parses HTTP and
+the service shares two cores with the client; a full run's batch rate swings by a third within
+minutes on a shared machine, so a change to the batch path a few percent deep is lost in it. This
+calls the code the service runs for each request (`telemetry_endpoint.answer`: parse, authenticate,
+validate, score, record and wait for the group fsync) on the same requests bench_edge.py sends,
+with the service's collector settings:
+
+- gateway batches of 500 messages from 100 devices, with the forwarder off, then on (shipping to a
+  local landing folder, as the service does);
+- the baseline, in the same run: single-message requests through the same function.
+
+Each figure is the least of several rounds, wall time and the process's CPU time a message. The
+last line is JSON: `batch_us`, `batch_forwarding_us`, `single_us` and `single_over_batch`.
+
+    .venv/bin/python bench/bench_edge_batch.py [--rounds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench_edge import BATCH, DEVICES, Devices, train_bundle
+
+from edge_module import telemetry_endpoint
+from edge_module.auth import DeviceRegistry
+from edge_module.model_slot import ModelReference
+from edge_module.service import YOUNG_COLLECTION_THRESHOLD, Edge, EdgeConfig
+from turbofan_core.bundle import write_bundle
+from turbofan_core.home import Home
+from turbofan_core.storage import LocalStore
+
+BATCHES_PER_ROUND = 15  # 7,500 messages
+SINGLES_PER_ROUND = 1_000
+Request = tuple[bytes, dict[str, str]]  # body, headers in lower case (as ASGI gives them)
+
+
+def split(wire: bytes) -> Request:
+    """A request as bench_edge.py puts it on the wire, as the endpoint receives it."""
+    head, body = wire.split(b"\r\n\r\n", 1)
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    return body, {name.lower(): value for name, value in headers.items()}
+
+
+def least_per_message(
+    answer: Callable[[list[Request]], None], rounds: list[list[Request]], messages: int
+) -> tuple[float, float]:
+    """The least wall and CPU time a message (µs) over `rounds`, each of `messages` messages."""
+    best = (float("inf"), float("inf"))
+    for requests in rounds:
+        wall, cpu = time.perf_counter(), time.process_time()
+        answer(requests)
+        best = min(best, ((time.perf_counter() - wall) / messages, (time.process_time() - cpu) / messages))
+    return best[0] * 1e6, best[1] * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    data = Home.from_env().cmapss_dir()
+    bundle = train_bundle(data)
+    with tempfile.TemporaryDirectory(prefix="bench-edge-batch-") as tmp:
+        root = Path(tmp)
+        models = LocalStore(root / "models")
+        path = models.root / write_bundle(models, bundle)
+        registry = DeviceRegistry.load(root / "state" / "devices.json")
+        for unit in range(1, DEVICES + 1):
+            registry.create(f"Bench_{unit:03d}")
+        devices = Devices(data, registry)
+        names = list(devices.rows)
+        edge = Edge(
+            EdgeConfig(
+                state_dir=root / "state",
+                landing=LocalStore(root / "landing"),
+                model=ModelReference("1", str(path), bundle.sha256),
+            )
+        )
+        assert edge.forwarder is not None
+        loop = asyncio.new_event_loop()
+
+        def answer(requests: list[Request]) -> None:
+            async def each() -> None:
+                for body, headers in requests:
+                    status, payload = await telemetry_endpoint.answer(edge, body, headers)
+                    if status != 200:
+                        raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+
+            loop.run_until_complete(each())
+
+        def batches(rounds: int) -> list[list[Request]]:
+            return [
+                [split(r) for r in devices.batches(BATCHES_PER_ROUND, BATCH, names[:100])]
+                for _ in range(rounds)
+            ]
+
+        def singles(rounds: int) -> list[list[Request]]:
+            return [
+                [split(r) for r in devices.singles(SINGLES_PER_ROUND, names[100:])] for _ in range(rounds)
+            ]
+
+        answer(batches(1)[0] + singles(1)[0])  # every device's state loaded, the code warm
+        gc.freeze()  # as the service does once it has started
+        gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
+        try:
+            batch = least_per_message(answer, batches(args.rounds), BATCHES_PER_ROUND * BATCH)
+            edge.forwarder.start()
+            forwarding = least_per_message(answer, batches(args.rounds), BATCHES_PER_ROUND * BATCH)
+            single = least_per_message(answer, singles(args.rounds), SINGLES_PER_ROUND)
+        finally:
+            edge.forwarder.stop(flush=False)
+            edge.store.close()
+            loop.close()
+    for label, (wall, cpu) in (
+        ("batches of 500, forwarder off", batch),
+        ("batches of 500, forwarder on", forwarding),
+        ("single messages, forwarder on", single),
+    ):
+        print(f"{label}: {wall:.1f} µs a message ({1e6 / wall:,.0f} msgs/s), {cpu:.1f} µs of CPU")
+    print(f"a single message costs {single[0] / forwarding[0]:.1f}x a batch's message")
+    print(
+        json.dumps(
+            {
+                "batch_us": round(batch[0], 2),
+                "batch_forwarding_us": round(forwarding[0], 2),
+                "single_us": round(single[0], 2),
+                "single_over_batch": round(single[0] / forwarding[0], 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
