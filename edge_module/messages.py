@@ -6,6 +6,9 @@ from typing import NamedTuple
 
 
 class Incoming(NamedTuple):
+    """One device's message as a transport hands it over (`Edge._check` takes the fields as columns, by
+    position: their order matters)."""
+
     device_id: str  # from the device's credential, never from the body
     body: bytes
     properties: dict[str, str]  # application properties

@@ -268,6 +268,8 @@ class Edge:
         and one model call, then one commit. A batch with a failure event or a late message is taken
         one message at a time, each committed before the next, so a replay sees what came before it.
         """
+        if not messages:
+            return []
         with self._lock:
             model = self.slot.current
             checked, measurements = self._check(messages)
@@ -313,12 +315,13 @@ class Edge:
     def _check(self, messages: list[Incoming]) -> tuple[list[_Checked], np.ndarray]:
         """Validate (the contract's batch checks) and deduplicate, without changing any state; the
         checked messages and their measurements (a row each, NaN where refused or a failure event)."""
+        # Incoming's fields, a column each, in the order of its definition.
         devices, bodies, properties, message_ids, types, encodings, parsed = zip(*messages, strict=True)
         ids = [m or _derived_id(d, b) for m, d, b in zip(message_ids, devices, bodies, strict=True)]
         verdicts = check_messages(bodies, devices, properties, types, encodings, parsed)
         keys = list(zip(devices, ids, strict=True))
         seen = self.store.seen_many(keys)
-        checked = []
+        checked: list[_Checked] = []
         # Python lists: a numpy element read one at a time costs more than the whole conversion.
         columns = zip(
             messages,

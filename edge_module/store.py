@@ -116,7 +116,8 @@ class HistoryEntry(NamedTuple):
     device_id: str
     message_id: str
     cycle: int
-    values: Sequence[float]  # MEASUREMENTS order; empty for a failure event
+    values: Sequence[float]  # MEASUREMENTS order; empty for a failure event (a list from the edge's
+    # checks, a tuple from the store: compare them as lists)
     failure: bool
 
     @property

@@ -58,7 +58,7 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         except AuthError as error:
             raise Refused(401, error.reason) from None
         incoming = [
-            Incoming(signers[token or authorization], raw, properties, message_id, None, None, parsed)
+            Incoming(signers[token or authorization], raw, properties, message_id, parsed=parsed)
             for token, raw, properties, message_id, parsed in items
         ]
         try:

@@ -27,6 +27,8 @@ from test_bundle import make_bundle, rezip, with_rul
 from test_contract import MALFORMED
 
 from edge_module.auth import DeviceRegistry, make_sas_token
+from edge_module.service import Edge as EdgeService
+from edge_module.service import EdgeConfig
 from turbofan_core.bundle import ModelBundle, write_bundle
 from turbofan_core.cmapss import read_cmapss
 from turbofan_core.deployment_manifest import DEFAULT_IMAGE, ManifestSettings, build
@@ -199,6 +201,15 @@ def test_streamed_predictions_equal_the_batch_models(edge: Edge, bundles, test_u
     first = bodies(test_units[test_units["device_id"] == DEVICES[0]])[0]
     status, again = edge.send(DEVICES[0], [{"body": first, "messageId": f"{DEVICES[0]}-1"}])
     assert status == 200 and again[0]["status"] == "duplicate"
+
+
+def test_no_messages_get_no_answers_and_change_nothing(tmp_path: Path) -> None:
+    service = EdgeService(EdgeConfig(state_dir=tmp_path))
+    try:
+        assert service.receive([]) == []
+        assert service.store.backlog() == (0, None)
+    finally:
+        service.store.close()
 
 
 def test_each_refused_credential(edge: Edge) -> None:

@@ -134,6 +134,24 @@ def test_a_failure_event_starts_a_new_lifetime(store: EdgeStore) -> None:
     assert len(outbox(store)) == 7  # every accepted message is forwarded, failure events too
 
 
+def test_failure_events_in_one_call_each_close_a_lifetime(tmp_path: Path) -> None:
+    """Lifetimes are numbered as the call goes: two failure events of a device in one request close
+    two lifetimes, and only the telemetry after the second is the current one, also after a restart."""
+    path = tmp_path / "edge.sqlite"
+    with EdgeStore(path) as store:
+        store.record([telemetry("A", "a1", 1)])
+        group = [telemetry("A", "a2", 2), failure("A", "f1", 2), telemetry("A", "b1", 1)]
+        group += [failure("A", "f2", 1), telemetry("A", "c1", 1), telemetry("A", "c2", 2)]
+        assert store.record(group) == [True] * 6
+        assert [e.message_id for e in store.lifetime_history("A")] == ["c1", "c2"]
+    with EdgeStore(path) as store:
+        assert [e.message_id for e in store.lifetime_history("A")] == ["c1", "c2"]
+        assert store.record([failure("A", "f3", 2)]) == [True]
+        assert store.lifetime_history("A") == []
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT closed FROM lifetimes WHERE device_id = 'A'").fetchone() == (3,)
+
+
 def test_purge_forgets_old_lifetimes_ids_after_the_window(tmp_path: Path) -> None:
     clock = FakeClock()
     with EdgeStore(tmp_path / "edge.sqlite", dedupe_window_seconds=100.0, clock=clock) as store:
