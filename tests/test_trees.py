@@ -13,7 +13,7 @@ from test_bundle import make_bundle
 
 from turbofan_core.bundle import BundleError
 from turbofan_core.features import FeatureSpec
-from turbofan_core.trees import TreeEnsemble, UnsupportedModel, read_model
+from turbofan_core.trees import PARALLEL_ROWS, TreeEnsemble, UnsupportedModel, read_model
 
 
 def _data(rows: int = 600, width: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +70,8 @@ def test_the_tree_walk_equals_xgboost_bit_for_bit(params: dict) -> None:
         trees = _ensemble(booster, file_format=file_format)
         assert np.array_equal(trees.predict(probes), expected)
         assert np.array_equal(trees.predict(probes[:1]), expected[:1])
+    many = np.resize(probes, (PARALLEL_ROWS + 1, probes.shape[1]))  # the probes over and over: two threads
+    assert np.array_equal(trees.predict(many), np.resize(expected, (len(many), expected.shape[1])))
 
 
 def test_several_boosters_give_their_outputs_in_order() -> None:
