@@ -139,6 +139,17 @@ class Devices:
         ]  # fmt: skip
 
 
+def fleet(root: Path, data: Path, bundle: ModelBundle) -> tuple[Path, DeviceRegistry, Devices]:
+    """`bundle` written under `root` (its path, for `--model-uri`), and DEVICES devices registered in
+    `root / "state"` with their telemetry."""
+    store = LocalStore(root / "models")
+    path = store.root / write_bundle(store, bundle)
+    registry = DeviceRegistry.load(root / "state" / "devices.json")
+    for unit in range(1, DEVICES + 1):
+        registry.create(f"Bench_{unit:03d}")
+    return path, registry, Devices(data, registry)
+
+
 def _request(body: bytes, headers: dict[str, str]) -> bytes:
     lines = [
         "POST /telemetry HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
@@ -281,12 +292,7 @@ def main() -> None:
     print(f"trained a bundle on FD001 in {seconds:.1f} s ({len(bundle.spec.feature_names)} features)")
     with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
         root = Path(tmp)
-        store = LocalStore(root / "models")
-        path = store.root / write_bundle(store, bundle)
-        registry = DeviceRegistry.load(root / "state" / "devices.json")
-        for unit in range(1, DEVICES + 1):
-            registry.create(f"Bench_{unit:03d}")
-        devices = Devices(data, registry)
+        path, _, devices = fleet(root, data, bundle)
         rows = compute_features(
             read_cmapss(data / "test_FD001.txt").assign(device_id=lambda f: f["unit"], lifetime=1),
             bundle.spec,

@@ -32,13 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from bench_edge import BATCH, DEVICES, Devices, train_bundle
+from bench_edge import BATCH, fleet, train_bundle
 
 from edge_module import telemetry_endpoint
-from edge_module.auth import DeviceRegistry
 from edge_module.model_slot import ModelReference
 from edge_module.service import YOUNG_COLLECTION_THRESHOLD, Edge, EdgeConfig
-from turbofan_core.bundle import write_bundle
 from turbofan_core.home import Home
 from turbofan_core.storage import LocalStore
 
@@ -84,12 +82,7 @@ def main() -> None:
     bundle = train_bundle(data)
     with tempfile.TemporaryDirectory(prefix="bench-edge-batch-") as tmp:
         root = Path(tmp)
-        models = LocalStore(root / "models")
-        path = models.root / write_bundle(models, bundle)
-        registry = DeviceRegistry.load(root / "state" / "devices.json")
-        for unit in range(1, DEVICES + 1):
-            registry.create(f"Bench_{unit:03d}")
-        devices = Devices(data, registry)
+        path, _, devices = fleet(root, data, bundle)
         names = list(devices.rows)
         edge = Edge(
             EdgeConfig(

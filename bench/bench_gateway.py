@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as paho
 from azure.iot.device import IoTHubDeviceClient, Message
-from bench_edge import HUB, Devices, closed_loop, free_port, train_bundle
+from bench_edge import HUB, Devices, closed_loop, fleet, free_port, train_bundle
 
 from edge_module.auth import DeviceRegistry, connection_string, make_sas_token
 from edge_module.certs import write_certs
-from turbofan_core.bundle import write_bundle
 from turbofan_core.home import Home
-from turbofan_core.storage import LocalStore
 
 HOST = "127.0.0.2"  # its own loopback address: the SDK always uses port 8883
 PORT = 8883
@@ -147,12 +145,7 @@ def main() -> None:
     bundle = train_bundle(data)
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         root = Path(tmp)
-        store = LocalStore(root / "models")
-        path = store.root / write_bundle(store, bundle)
-        registry = DeviceRegistry.load(root / "state" / "devices.json")
-        for unit in range(1, 201):
-            registry.create(f"Bench_{unit:03d}")
-        devices = Devices(data, registry)
+        path, registry, devices = fleet(root, data, bundle)
         certs = write_certs(root / "certs", HOST)
         port = free_port()
         server = subprocess.Popen(
