@@ -144,10 +144,6 @@ class _Checked:
         self.result = result  # the answer: {"message_id", ...}
         self.properties = message.properties  # forwarded with it: the device's, and once scored, the score
 
-    @property
-    def scorable(self) -> bool:
-        return self.entry is not None and not self.entry.failure
-
     def score(self, row: list[float], model: LoadedModel) -> None:
         point, low, high = row
         version = model.reference.version
@@ -291,7 +287,7 @@ class Edge:
                 for item in checked:
                     if item.entry is not None and item.entry.failure:
                         self._features.failure(item.entry.device_id)
-                    elif item.scorable:
+                    elif item.entry is not None:  # telemetry
                         scores = model.bundle.predict_matrix(self._features.features(item.entry))
                         item.score(scores[0].tolist(), model)
                         self._place_in_regimes([item], model, measurements[[item.index]])
