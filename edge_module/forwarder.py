@@ -28,17 +28,12 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
-# The forwarder reads a file's requests this many records at a time, pausing in between, so that
-# single-message requests (a row each) never hold the interpreter from the requests for long. Its
-# compression lets go of the interpreter.
-PACE_RECORDS = 250
-PACE_SECONDS = 0.002
 _SECRET = re.compile(r"(?i)\b(sig|accountkey|sharedaccesssignature|sharedaccesskey)=[^&;\s]+")
 
 
-def capture_file(queued: list[Queued]) -> bytes:
+def capture_file(queued: Queued) -> bytes:
     """The landing-zone file of outbox requests, in IoT Hub's capture format."""
-    return avro_file_of_runs((request.count, request.records) for request in queued)
+    return avro_file_of_runs([(queued.count, queued.records)])
 
 
 def describe(error: BaseException) -> str:
@@ -107,16 +102,19 @@ class Forwarder:
                 )
                 if count == 0 or not (due or force):
                     return 0
-                queued = self._take(self.max_records)
-                first, last = queued[0].first_seq, queued[-1].last_seq
+                queued = self.store.take(self.max_records)
+                assert queued is not None  # the backlog holds records, and only this lock removes any
+                first, last = queued.first_seq, queued.last_seq
                 shipment = Shipment(self.file_name(first, last), first, last)
                 self.store.begin_shipment(shipment)
             else:
-                queued = self._take(shipment.last_seq - shipment.first_seq + 1, up_to_seq=shipment.last_seq)
-                if not queued:  # all of it expired meanwhile
+                queued = self.store.take(
+                    shipment.last_seq - shipment.first_seq + 1, up_to_seq=shipment.last_seq
+                )
+                if queued is None:  # all of it expired meanwhile
                     self.store.mark_shipped(shipment.last_seq)
                     return 0
-            records = sum(request.count for request in queued)
+            records = queued.count
             try:
                 self.landing.create(shipment.name, capture_file(queued))
             except NameTaken:
@@ -130,20 +128,6 @@ class Forwarder:
             self.backoff_seconds = 0.0
             self.retry_at = 0.0
             return records
-
-    def _take(self, limit: int, up_to_seq: int | None = None) -> list[Queued]:
-        """`store.take`, PACE_RECORDS at a time with a pause between."""
-        queued: list[Queued] = []
-        while limit > 0:
-            if queued:
-                time.sleep(PACE_SECONDS)
-            after = queued[-1].last_seq if queued else 0
-            page = self.store.take(min(PACE_RECORDS, limit), up_to_seq, after_seq=after)
-            if not page:
-                break
-            queued += page
-            limit -= sum(request.count for request in page)
-        return queued
 
     def _failed(self, error: BaseException, now: float) -> None:
         self.failures += 1

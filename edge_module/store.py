@@ -138,6 +138,7 @@ class Shipment:
 _ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
 _VALUES = len(MEASUREMENTS)
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
+_FIRST_QUEUED = "SELECT first_seq FROM outbox ORDER BY first_seq LIMIT 1"
 # Requests are queued in sequence order, so the last row holds the last number given (a lookup of
 # the primary key, where max() over an expression would read every row).
 _LAST_QUEUED = "SELECT first_seq + count - 1 FROM outbox ORDER BY first_seq DESC LIMIT 1"
@@ -270,16 +271,13 @@ def _key(device_id: str, message_id: str) -> str:
 
 
 class Queued(NamedTuple):
-    """One request's records in the outbox."""
+    """Queued requests' records, read from the outbox as one run."""
 
-    first_seq: int
-    count: int
-    queued_at: float
+    first_seq: int  # of their first record
+    last_seq: int  # of their last record
+    count: int  # records
+    queued_at: float  # when the oldest of them was queued
     records: bytes  # Avro-encoded (capture.encode_record) one after another
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + self.count - 1
 
 
 @dataclass
@@ -583,26 +581,23 @@ class EdgeStore:
 
     # --- outbox -----------------------------------------------------------------------------------
 
-    def take(self, limit: int, up_to_seq: int | None = None, after_seq: int = 0) -> list[Queued]:
-        """The oldest queued requests until they hold `limit` records or more: those whose first
-        record is after `after_seq` and not after `up_to_seq` (callers pass the number of a
-        request's last record, so requests come whole)."""
-        found: list[Queued] = []
-        with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT first_seq, count, queued_at, records FROM outbox "
-                "WHERE first_seq > ? AND first_seq <= ? ORDER BY first_seq",
-                [after_seq, _LAST_SEQ if up_to_seq is None else up_to_seq],
-            )
-            try:
-                for row in rows:
-                    found.append(Queued(*row))
-                    limit -= found[-1].count
-                    if limit <= 0:
-                        break
-            finally:
-                rows.close()  # ends the read transaction
-        return found
+    def take(self, limit: int, up_to_seq: int | None = None) -> Queued | None:
+        """The oldest queued requests, whole, through the one that holds the `limit`th record from the
+        oldest (sequence numbers are given without gaps), none whose first record is after
+        `up_to_seq` (callers pass a request's last record); None if there are none.
+
+        SQLite joins their records in one step, so a file's worth of single-message requests is
+        read with one hand-over of the interpreter, where a row at a time took one a row, each a
+        wait for the request path's thread. Each request's records are whole, so the run is
+        whole records whatever order SQLite joins them in (it follows the subquery's, by rowid)."""
+        [(first, last, count, queued_at, records)] = self._read(
+            "SELECT min(first_seq), max(first_seq + count - 1), sum(count), min(queued_at), "
+            "CAST(group_concat(records, '') AS BLOB) FROM ("
+            f"SELECT * FROM outbox WHERE first_seq <= ? AND first_seq < ({_FIRST_QUEUED}) + ? "
+            "ORDER BY first_seq)",
+            [_LAST_SEQ if up_to_seq is None else up_to_seq, limit],
+        )
+        return None if first is None else Queued(first, last, count, queued_at, records)
 
     def begin_shipment(self, shipment: Shipment) -> None:
         """Pin the file about to be sent, so a resend after a crash is the same file."""
@@ -664,24 +659,16 @@ class EdgeStore:
             time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
 
     def _delete_chunk(self, conn: sqlite3.Connection, where: str, parameters: list) -> tuple[int, bool]:
-        """Delete the oldest outbox rows matching `where`, whole rows up to DELETE_CHUNK records (one
-        at least); return how many records, and whether rows matching are left."""
+        """Delete the outbox rows matching `where` (the oldest rows, by the callers' conditions) whose
+        first record is among the DELETE_CHUNK from the oldest's, whole (one at least); return how
+        many records, and whether rows matching are left. Single-row statements: no row is handed
+        to the interpreter (see `take`)."""
         self._note_last_seq(conn)
-        rows = conn.execute(
-            f"SELECT first_seq, count FROM outbox WHERE {where} ORDER BY first_seq LIMIT ?",
-            [*parameters, DELETE_CHUNK + 1],
-        ).fetchall()
-        deleted = taken = 0
-        for _, count in rows:
-            if deleted and deleted + count > DELETE_CHUNK:
-                break
-            deleted += count
-            taken += 1
-        if taken:
-            conn.execute(
-                f"DELETE FROM outbox WHERE {where} AND first_seq <= ?", [*parameters, rows[taken - 1][0]]
-            )
-        return deleted, taken < len(rows)
+        chunk = f"{where} AND first_seq < ({_FIRST_QUEUED}) + {DELETE_CHUNK}"
+        [(deleted,)] = conn.execute(f"SELECT coalesce(sum(count), 0) FROM outbox WHERE {chunk}", parameters)
+        conn.execute(f"DELETE FROM outbox WHERE {chunk}", parameters)
+        [(more,)] = conn.execute(f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {where})", parameters)
+        return deleted, bool(more)
 
     def _note_last_seq(self, conn: sqlite3.Connection) -> None:
         """Keep the last sequence number given in `meta` before outbox rows are deleted (a commit

@@ -62,7 +62,8 @@ def records(*entries: Entry) -> list[CaptureRecord]:
 
 
 def outbox(store: EdgeStore) -> list[CaptureRecord]:
-    return read_capture(capture_file(store.take(1_000_000)))
+    queued = store.take(1_000_000)
+    return [] if queued is None else read_capture(capture_file(queued))
 
 
 def cycles(store: EdgeStore, device: str) -> list[int]:
@@ -209,12 +210,15 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
         clock.now = 200.0
         store.record([telemetry("A", "m4", 4), malformed("A", "x")])
         assert store.backlog() == (5, 100.0)
-        # Whole requests: a file never splits one.
-        assert [(q.first_seq, q.count, q.queued_at) for q in store.take(1)] == [(1, 2, 100.0)]
-        assert [(q.first_seq, q.last_seq) for q in store.take(3)] == [(1, 2), (3, 3)]
-        assert [q.first_seq for q in store.take(10, up_to_seq=3)] == [1, 3]
-        assert [q.first_seq for q in store.take(10, after_seq=2)] == [3, 4]
+        # Whole requests, as one run: a file never splits one. (first, last, records, oldest)
+        assert store.take(1)[:4] == store.take(2)[:4] == (1, 2, 2, 100.0)
+        assert store.take(3)[:4] == (1, 3, 3, 100.0)
+        assert store.take(10, up_to_seq=3)[:4] == (1, 3, 3, 100.0)
+        taken = store.take(10)
+        assert taken is not None and taken[:4] == (1, 5, 5, 100.0)
+        assert [r.message_id for r in read_capture(capture_file(taken))] == ["m1", "m2", "m3", "m4", "x"]
         store.mark_shipped(2)
+        assert store.take(10)[:4] == (3, 5, 3, 150.0)
         assert store.expire(200.0) == 1  # m3: queued at 150
         assert store.backlog() == (2, 200.0)
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
@@ -224,12 +228,12 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
     # are named by them.
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
         store.record([telemetry("A", "m5", 5)])
-        assert [q.first_seq for q in store.take(10)] == [6]
+        assert store.take(10)[:3] == (6, 6, 1)
         clock.now = 300.0
         assert store.expire(301.0) == 1
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:  # emptied by the TTL this time
         store.record([telemetry("A", "m6", 6)])
-        assert [q.first_seq for q in store.take(10)] == [7]
+        assert store.take(10)[:3] == (7, 7, 1)
 
 
 def test_after_a_failed_fsync_no_commit_is_acknowledged() -> None:
@@ -348,7 +352,8 @@ def test_threads_share_one_store(store: EdgeStore) -> None:
     for thread in threads:
         thread.join()
     assert store.backlog()[0] == 160
-    assert [q.first_seq for q in store.take(1000)] == list(range(1, 161))
+    assert store.take(1000)[:3] == (1, 160, 160)  # each number given once
+    assert len({(r.device_id, r.message_id) for r in outbox(store)}) == 160
     assert all(cycles(store, f"D{n}") == list(range(1, 41)) for n in range(4))
 
 
