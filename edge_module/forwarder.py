@@ -103,7 +103,8 @@ class Forwarder:
                 if count == 0 or not (due or force):
                     return 0
                 queued = self.store.take(self.max_records)
-                assert queued is not None  # the backlog holds records, and only this lock removes any
+                if queued is None:  # max_records below 1
+                    return 0
                 first, last = queued.first_seq, queued.last_seq
                 shipment = Shipment(self.file_name(first, last), first, last)
                 self.store.begin_shipment(shipment)

@@ -138,7 +138,6 @@ class Shipment:
 _ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
 _VALUES = len(MEASUREMENTS)
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
-_FIRST_QUEUED = "SELECT first_seq FROM outbox ORDER BY first_seq LIMIT 1"
 # Requests are queued in sequence order, so the last row holds the last number given (a lookup of
 # the primary key, where max() over an expression would read every row).
 _LAST_QUEUED = "SELECT first_seq + count - 1 FROM outbox ORDER BY first_seq DESC LIMIT 1"
@@ -276,7 +275,6 @@ class Queued(NamedTuple):
     first_seq: int  # of their first record
     last_seq: int  # of their last record
     count: int  # records
-    queued_at: float  # when the oldest of them was queued
     records: bytes  # Avro-encoded (capture.encode_record) one after another
 
 
@@ -590,14 +588,15 @@ class EdgeStore:
         read with one hand-over of the interpreter, where a row at a time took one a row, each a
         wait for the request path's thread. Each request's records are whole, so the run is
         whole records whatever order SQLite joins them in (it follows the subquery's, by rowid)."""
-        [(first, last, count, queued_at, records)] = self._read(
-            "SELECT min(first_seq), max(first_seq + count - 1), sum(count), min(queued_at), "
+        [(first, last, count, records)] = self._read(
+            "SELECT min(first_seq), max(first_seq + count - 1), sum(count), "
             "CAST(group_concat(records, '') AS BLOB) FROM ("
-            f"SELECT * FROM outbox WHERE first_seq <= ? AND first_seq < ({_FIRST_QUEUED}) + ? "
+            "SELECT * FROM outbox WHERE first_seq <= ? AND first_seq < "
+            "(SELECT first_seq FROM outbox ORDER BY first_seq LIMIT 1) + ? "
             "ORDER BY first_seq)",
             [_LAST_SEQ if up_to_seq is None else up_to_seq, limit],
         )
-        return None if first is None else Queued(first, last, count, queued_at, records)
+        return None if first is None else Queued(first, last, count, records)
 
     def begin_shipment(self, shipment: Shipment) -> None:
         """Pin the file about to be sent, so a resend after a crash is the same file."""
@@ -659,14 +658,19 @@ class EdgeStore:
             time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
 
     def _delete_chunk(self, conn: sqlite3.Connection, where: str, parameters: list) -> tuple[int, bool]:
-        """Delete the outbox rows matching `where` (the oldest rows, by the callers' conditions) whose
-        first record is among the DELETE_CHUNK from the oldest's, whole (one at least); return how
-        many records, and whether rows matching are left. Single-row statements: no row is handed
-        to the interpreter (see `take`)."""
+        """Delete the oldest outbox rows matching `where`, whole rows up to DELETE_CHUNK records (one
+        at least); return how many records, and whether rows matching are left. Single-row
+        statements (sequence numbers have no gaps: see `take`), so no row is handed to the
+        interpreter."""
         self._note_last_seq(conn)
-        chunk = f"{where} AND first_seq < ({_FIRST_QUEUED}) + {DELETE_CHUNK}"
-        [(deleted,)] = conn.execute(f"SELECT coalesce(sum(count), 0) FROM outbox WHERE {chunk}", parameters)
-        conn.execute(f"DELETE FROM outbox WHERE {chunk}", parameters)
+        oldest = f"(SELECT first_seq FROM outbox WHERE {where} ORDER BY first_seq LIMIT 1)"
+        chunk = (
+            f"{where} AND first_seq < {oldest} + {DELETE_CHUNK} "
+            f"AND (first_seq = {oldest} OR first_seq + count <= {oldest} + {DELETE_CHUNK})"
+        )
+        arguments = [*parameters] * 4  # `where` four times over
+        [(deleted,)] = conn.execute(f"SELECT coalesce(sum(count), 0) FROM outbox WHERE {chunk}", arguments)
+        conn.execute(f"DELETE FROM outbox WHERE {chunk}", arguments)
         [(more,)] = conn.execute(f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {where})", parameters)
         return deleted, bool(more)
 

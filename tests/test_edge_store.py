@@ -17,6 +17,7 @@ import duckdb
 import pytest
 from conftest import REPO_ROOT
 
+from edge_module import store as store_module
 from edge_module.forwarder import Forwarder, capture_file
 from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError, _WalSync
 from turbofan_core.capture import CaptureRecord, avro_file, device_message, encode_record, read_capture
@@ -210,15 +211,16 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
         clock.now = 200.0
         store.record([telemetry("A", "m4", 4), malformed("A", "x")])
         assert store.backlog() == (5, 100.0)
-        # Whole requests, as one run: a file never splits one. (first, last, records, oldest)
-        assert store.take(1)[:4] == store.take(2)[:4] == (1, 2, 2, 100.0)
-        assert store.take(3)[:4] == (1, 3, 3, 100.0)
-        assert store.take(10, up_to_seq=3)[:4] == (1, 3, 3, 100.0)
+        # Whole requests, as one run (first, last, records): through the one holding the limit's record.
+        assert store.take(1)[:3] == store.take(2)[:3] == (1, 2, 2)
+        assert store.take(3)[:3] == (1, 3, 3)
+        assert store.take(4)[:3] == (1, 5, 5)  # the 4th record is in the request of records 4 and 5
+        assert store.take(10, up_to_seq=3)[:3] == (1, 3, 3)
         taken = store.take(10)
-        assert taken is not None and taken[:4] == (1, 5, 5, 100.0)
+        assert taken is not None and taken[:3] == (1, 5, 5)
         assert [r.message_id for r in read_capture(capture_file(taken))] == ["m1", "m2", "m3", "m4", "x"]
         store.mark_shipped(2)
-        assert store.take(10)[:4] == (3, 5, 3, 150.0)
+        assert store.take(10)[:3] == (3, 5, 3)
         assert store.expire(200.0) == 1  # m3: queued at 150
         assert store.backlog() == (2, 200.0)
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:
@@ -234,6 +236,23 @@ def test_outbox_take_mark_expire_backlog(tmp_path: Path) -> None:
     with EdgeStore(tmp_path / "edge.sqlite", clock=clock) as store:  # emptied by the TTL this time
         store.record([telemetry("A", "m6", 6)])
         assert store.take(10)[:3] == (7, 7, 1)
+
+
+def test_deletes_take_whole_requests_about_delete_chunk_records_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "DELETE_CHUNK", 3)
+    with EdgeStore(tmp_path / "edge.sqlite") as store:
+        store.record([telemetry("A", "m1", 1), telemetry("A", "m2", 2)])  # records 1-2
+        store.record([telemetry("B", f"b{c}", c) for c in range(1, 11)])  # 3-12: larger than a chunk
+        store.record([telemetry("A", "m3", 3)])  # 13
+        store.record([telemetry("A", "m4", 4)])  # 14
+        with store._transaction() as conn:
+            # Counted from the oldest row matching, not the outbox's oldest: a chunk always deletes one.
+            assert store._delete_chunk(conn, "first_seq >= ?", [13]) == (2, False)
+            assert store._delete_chunk(conn, "first_seq <= ?", [12]) == (2, True)  # 3-12 would pass 3
+            assert store._delete_chunk(conn, "first_seq <= ?", [12]) == (10, False)  # one request at least
+        assert store.backlog()[0] == 0
 
 
 def test_after_a_failed_fsync_no_commit_is_acknowledged() -> None:
