@@ -543,19 +543,22 @@ class EdgeStore:
         """Forget message ids older than the dedupe window, except the current lifetimes'; return how
         many. An `accepted` row older than the window that holds none of a current lifetime is deleted.
 
-        The old rows are read and decoded beside the writer; each chunk of PURGE_CHUNK rows is then
-        checked and settled under the lock (a row only ever stops holding a current entry, and a
-        key recorded again since names a newer row), so requests wait for one chunk at most.
+        The old rows are read and decoded beside the writer, PURGE_CHUNK at a time (memory holds one
+        chunk, not the hour's rows, millions at a high rate); each chunk is then checked and settled
+        under the lock (a row only ever stops holding a current entry, and a key recorded again
+        since names a newer row), so requests wait for one chunk at most.
         """
         cutoff = self.clock() - self.dedupe_window_seconds
-        old = [
-            (seq, orjson.loads(entries))
-            for seq, entries in self._read(
-                "SELECT seq, entries FROM accepted WHERE accepted_at < ?", [cutoff]
+        forgotten = after = 0
+        while True:
+            rows = self._read(
+                "SELECT seq, entries FROM accepted WHERE accepted_at < ? AND seq > ? ORDER BY seq LIMIT ?",
+                [cutoff, after, PURGE_CHUNK],
             )
-        ]
-        forgotten = 0
-        for start in range(0, len(old), PURGE_CHUNK):
+            if not rows:
+                return forgotten
+            after = rows[-1][0]
+            old = [(seq, orjson.loads(entries)) for seq, entries in rows]  # decoded outside the lock
             keys: list[str] = []
 
             def forget(keys: list[str] = keys) -> None:
@@ -564,7 +567,7 @@ class EdgeStore:
 
             with self._transaction(after_commit=forget) as conn:
                 done = []
-                for seq, entries in old[start : start + PURGE_CHUNK]:
+                for seq, entries in old:
                     current = False
                     for device, message_id, _, lifetime, failure in entries:
                         if not failure and lifetime == self._closed.get(device, 0):
@@ -575,7 +578,6 @@ class EdgeStore:
                         done.append((seq,))
                 conn.executemany("DELETE FROM accepted WHERE seq = ?", done)
             forgotten += len(keys)
-        return forgotten
 
     # --- outbox -----------------------------------------------------------------------------------
 

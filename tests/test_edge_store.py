@@ -154,7 +154,11 @@ def test_failure_events_in_one_call_each_close_a_lifetime(tmp_path: Path) -> Non
         assert conn.execute("SELECT closed FROM lifetimes WHERE device_id = 'A'").fetchone() == (3,)
 
 
-def test_purge_forgets_old_lifetimes_ids_after_the_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [1, store_module.PURGE_CHUNK])
+def test_purge_forgets_old_lifetimes_ids_after_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(store_module, "PURGE_CHUNK", chunk)  # a row a read, as many as there are
     clock = FakeClock()
     with EdgeStore(tmp_path / "edge.sqlite", dedupe_window_seconds=100.0, clock=clock) as store:
         store.record([telemetry("A", "old", 1), failure("A", "f", 1), telemetry("A", "current", 1)])
@@ -175,7 +179,11 @@ def test_purge_forgets_old_lifetimes_ids_after_the_window(tmp_path: Path) -> Non
         assert not reopened.seen("A", "f")
 
 
-def test_a_restart_rebuilds_dedupe_and_lifetimes_from_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [1, store_module.PURGE_CHUNK])
+def test_a_restart_rebuilds_dedupe_and_lifetimes_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(store_module, "PURGE_CHUNK", chunk)  # purge reads a row at a time, or all
     clock = FakeClock()
     path = tmp_path / "edge.sqlite"
     with EdgeStore(path, dedupe_window_seconds=100.0, clock=clock) as store:
