@@ -587,9 +587,10 @@ class EdgeStore:
         `up_to_seq` (callers pass a request's last record); None if there are none.
 
         SQLite joins their records in one step, so a file's worth of single-message requests is
-        read with one hand-over of the interpreter, where a row at a time took one a row, each a
-        wait for the request path's thread. Each request's records are whole, so the run is
-        whole records whatever order SQLite joins them in (it follows the subquery's, by rowid)."""
+        read with one hand-over of the interpreter instead of one a row (sqlite3 lets go of the
+        interpreter for each row it steps to, and the request path's thread then waits to get it
+        back). Each request's records are whole, so the run is whole records whatever order SQLite
+        joins them in (it follows the subquery's, by rowid)."""
         [(first, last, count, records)] = self._read(
             "SELECT min(first_seq), max(first_seq + count - 1), sum(count), "
             "CAST(group_concat(records, '') AS BLOB) FROM ("
