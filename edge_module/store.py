@@ -666,13 +666,13 @@ class EdgeStore:
         statements (sequence numbers have no gaps: see `take`), so no row is handed to the
         interpreter."""
         self._note_last_seq(conn)
-        oldest = f"(SELECT first_seq FROM outbox WHERE {where} ORDER BY first_seq LIMIT 1)"
-        chunk = (
-            f"{where} AND first_seq < {oldest} + {DELETE_CHUNK} "
-            f"AND (first_seq = {oldest} OR first_seq + count <= {oldest} + {DELETE_CHUNK})"
-        )
-        arguments = [*parameters] * 4  # `where` four times over
-        [(deleted,)] = conn.execute(f"SELECT coalesce(sum(count), 0) FROM outbox WHERE {chunk}", arguments)
+        [(oldest,)] = conn.execute(f"SELECT min(first_seq) FROM outbox WHERE {where}", parameters)
+        if oldest is None:
+            return 0, False
+        end = oldest + DELETE_CHUNK  # no record of the chunk at or past it, but the oldest row's
+        chunk = f"{where} AND first_seq < ? AND (first_seq = ? OR first_seq + count <= ?)"
+        arguments = [*parameters, end, oldest, end]
+        [(deleted,)] = conn.execute(f"SELECT sum(count) FROM outbox WHERE {chunk}", arguments)
         conn.execute(f"DELETE FROM outbox WHERE {chunk}", arguments)
         [(more,)] = conn.execute(f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {where})", parameters)
         return deleted, bool(more)
