@@ -143,6 +143,8 @@ _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
 _LAST_QUEUED = "SELECT first_seq + count - 1 FROM outbox ORDER BY first_seq DESC LIMIT 1"
 _LAST_SEQ = 2**63 - 1  # SQLite's largest integer: no upper bound on a sequence number
 DELETE_CHUNK = 250  # outbox records deleted per transaction (whole requests, one at least)
+DELETE_PAUSE = 4.0  # after a chunk's delete, a pause this many times as long as it took
+WRITER_CACHE_KIB = 16 * 1024  # the writing connection's page cache: a file's rows (see __init__)
 PURGE_CHUNK = 200  # accepted rows settled per transaction by `purge`
 
 
@@ -321,6 +323,10 @@ class EdgeStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=10000")  # another process (a CLI) may be reading
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+        # The forwarder deletes a file's rows seconds after they were written: with SQLite's default
+        # cache (2 MiB) they had left it, and each chunk's delete read its pages back from the
+        # operating system, holding the lock (docs/benchmarks.md).
+        self._conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         self._sync = _WalSync(Path(f"{self.path}-wal"))
         try:
             with self._transaction() as conn:
@@ -622,9 +628,7 @@ class EdgeStore:
         not a whole file's. After a crash midway the shipment is still pinned: its resend holds the
         records left, under the same name, which the landing zone refuses, and this finishes.
         """
-        self._delete_in_chunks(
-            "first_seq <= ?", [up_to_seq], last=lambda conn: conn.execute("DELETE FROM shipment")
-        )
+        self._delete_in_chunks(up_to_seq, last=lambda conn: conn.execute("DELETE FROM shipment"))
 
     def expire(self, older_than: float) -> int:
         """Drop the unshipped records queued before `older_than`, in queue order (up to the first
@@ -642,40 +646,54 @@ class EdgeStore:
             "(SELECT first_seq FROM outbox WHERE queued_at >= ? ORDER BY first_seq LIMIT 1), ?)",
             [older_than, _LAST_SEQ],
         )
-        return self._delete_in_chunks("first_seq < ?", [first_kept])
+        return self._delete_in_chunks(first_kept - 1)
 
     def _delete_in_chunks(
-        self, where: str, parameters: list, last: Callable[[sqlite3.Connection], object] | None = None
+        self, up_to_seq: int, last: Callable[[sqlite3.Connection], object] | None = None
     ) -> int:
-        """Delete the outbox rows matching `where`, about DELETE_CHUNK records a transaction, pausing
-        in between; `last` runs in the transaction that deletes the last of them. How many records."""
+        """Delete the outbox rows whose first record is at most `up_to_seq`, about DELETE_CHUNK records
+        a transaction, pausing in between; `last` runs in the transaction that deletes the last of
+        them. How many records.
+
+        Each pause lasts DELETE_PAUSE times as long as the chunk before it took: commits of new
+        messages wait for the lock (and share the fsync of the pages a delete rewrote), and at a
+        steady 1,000 single messages a second, deleting a file's 5,000 rows with pauses of 2 ms made
+        the request path fall 30 ms behind every time. The deletes are not waited for to be fsync'd
+        (the next commit's fsync takes them): one lost in a crash only has the forwarder send its
+        records again under the same name, which the landing zone refuses."""
         deleted = 0
         while True:
-            with self._transaction() as conn:
-                count, more = self._delete_chunk(conn, where, parameters)
+            started = time.monotonic()
+            with self._transaction(durable=False) as conn:
+                if not deleted:  # the first transaction: see _note_last_seq
+                    self._note_last_seq(conn)
+                count, more = self._delete_chunk(conn, up_to_seq)
                 if not more and last is not None:
                     last(conn)
             deleted += count
             if not more:
                 return deleted
-            time.sleep(0.002)  # a lock is not fair: without a pause, waiting commits may never get in
+            time.sleep(DELETE_PAUSE * (time.monotonic() - started))
 
-    def _delete_chunk(self, conn: sqlite3.Connection, where: str, parameters: list) -> tuple[int, bool]:
-        """Delete the oldest outbox rows matching `where`, whole rows up to DELETE_CHUNK records (one
-        at least); return how many records, and whether rows matching are left. Single-row
-        statements (sequence numbers have no gaps: see `take`), so no row is handed to the
-        interpreter."""
-        self._note_last_seq(conn)
-        [(oldest,)] = conn.execute(f"SELECT min(first_seq) FROM outbox WHERE {where}", parameters)
-        if oldest is None:
+    def _delete_chunk(self, conn: sqlite3.Connection, up_to_seq: int) -> tuple[int, bool]:
+        """Delete the outbox's oldest rows, whole, up to DELETE_CHUNK records (one at least) and none
+        whose first record is after `up_to_seq`; return how many records, and whether rows up to it
+        are left. Sequence numbers have no gaps (see `take`): the records deleted run from the first
+        row's to the end of the last row's, which is found from the chunk's bound through the
+        primary key. Only the delete reads the chunk's rows, and none is handed to the interpreter."""
+        [(oldest,)] = conn.execute("SELECT min(first_seq) FROM outbox")
+        if oldest is None or oldest > up_to_seq:
             return 0, False
         end = oldest + DELETE_CHUNK  # no record of the chunk at or past it, but the oldest row's
-        chunk = f"{where} AND first_seq < ? AND (first_seq = ? OR first_seq + count <= ?)"
-        arguments = [*parameters, end, oldest, end]
-        [(deleted,)] = conn.execute(f"SELECT sum(count) FROM outbox WHERE {chunk}", arguments)
+        # One bound on first_seq, so the search for the last row starts from it.
+        chunk = "first_seq < ? AND (first_seq = ? OR first_seq + count <= ?)"
+        arguments = [min(end, up_to_seq + 1), oldest, end]
+        [(after,)] = conn.execute(
+            f"SELECT first_seq + count FROM outbox WHERE {chunk} ORDER BY first_seq DESC LIMIT 1", arguments
+        )
         conn.execute(f"DELETE FROM outbox WHERE {chunk}", arguments)
-        [(more,)] = conn.execute(f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {where})", parameters)
-        return deleted, bool(more)
+        [(more,)] = conn.execute("SELECT EXISTS (SELECT 1 FROM outbox WHERE first_seq <= ?)", [up_to_seq])
+        return after - oldest, bool(more)
 
     def _note_last_seq(self, conn: sqlite3.Connection) -> None:
         """Keep the last sequence number given in `meta` before outbox rows are deleted (a commit

@@ -256,10 +256,11 @@ def test_deletes_take_whole_requests_about_delete_chunk_records_at_a_time(
         store.record([telemetry("A", "m3", 3)])  # 13
         store.record([telemetry("A", "m4", 4)])  # 14
         with store._transaction() as conn:
-            # Counted from the oldest row matching, not the outbox's oldest: a chunk always deletes one.
-            assert store._delete_chunk(conn, "first_seq >= ?", [13]) == (2, False)
-            assert store._delete_chunk(conn, "first_seq <= ?", [12]) == (2, True)  # 3-12 would pass 3
-            assert store._delete_chunk(conn, "first_seq <= ?", [12]) == (10, False)  # one request at least
+            assert store._delete_chunk(conn, 12) == (2, True)  # 3-12 would pass 3
+            assert store._delete_chunk(conn, 12) == (10, False)  # one request at least
+            assert store._delete_chunk(conn, 12) == (0, False)
+            assert store._delete_chunk(conn, 13) == (1, False)  # 14 would fit the chunk, not the bound
+            assert store._delete_chunk(conn, 20) == (1, False)
         assert store.backlog()[0] == 0
 
 
