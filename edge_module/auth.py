@@ -168,9 +168,12 @@ class DeviceRegistry:
         return identity
 
     def remove(self, device_id: str) -> None:
+        unknown = UnknownDeviceError(f"device {device_id!r} is not registered")
+        if not self.path.exists():  # nothing is registered: no folder or lock file made for it
+            raise unknown
         with self._changing():
             if device_id not in self._devices:
-                raise UnknownDeviceError(f"device {device_id!r} is not registered")
+                raise unknown
             self._save({key: value for key, value in self._devices.items() if key != device_id})
 
     @contextmanager

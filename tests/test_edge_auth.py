@@ -419,6 +419,13 @@ def test_existing_and_unknown_ids(registry: DeviceRegistry) -> None:
     assert registry.get("Client_001") is None and registry.ids() == ["Client_002"]
 
 
+def test_removing_from_a_registry_never_written_leaves_no_trace(tmp_path: Path) -> None:
+    registry = DeviceRegistry.load(tmp_path / "state" / "devices.json")
+    with pytest.raises(UnknownDeviceError, match="'Client_001' is not registered"):
+        registry.remove("Client_001")
+    assert not (tmp_path / "state").exists()
+
+
 def test_corrupt_file_is_refused_without_showing_its_content(registry: DeviceRegistry) -> None:
     key = registry.get("Client_001").primary_key
     text = registry.path.read_text()
