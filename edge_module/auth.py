@@ -168,13 +168,12 @@ class DeviceRegistry:
         return identity
 
     def remove(self, device_id: str) -> None:
-        unknown = UnknownDeviceError(f"device {device_id!r} is not registered")
-        if not self.path.exists():  # nothing is registered: no folder or lock file made for it
-            raise unknown
-        with self._changing():
-            if device_id not in self._devices:
-                raise unknown
-            self._save({key: value for key, value in self._devices.items() if key != device_id})
+        if self.path.exists():  # a registry never written holds no device: no folder or lock file for it
+            with self._changing():
+                if device_id in self._devices:
+                    self._save({key: value for key, value in self._devices.items() if key != device_id})
+                    return
+        raise UnknownDeviceError(f"device {device_id!r} is not registered")
 
     @contextmanager
     def _changing(self) -> Iterator[None]:
