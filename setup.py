@@ -40,8 +40,8 @@ setup(
     ),
     include_package_data=True,
     # The column decoder of IoT Hub capture blocks, the telemetry contract's fields table, the tree
-    # walk, the window statistics with the streaming features' update, and the edge store's WAL sync
-    # thread (each file's header says why C).
+    # walk, the window statistics with the streaming features' update, the edge store's WAL sync
+    # thread and the splitting of a gateway's batch (each file's header says why C).
     ext_modules=[
         Extension("turbofan_core._iothub_avro", ["turbofan_core/_iothub_avro.c"]),
         Extension("turbofan_core._contract", ["turbofan_core/_contract.c"]),
@@ -51,6 +51,7 @@ setup(
             "turbofan_core._windows", ["turbofan_core/_windows.c"], extra_compile_args=["-ffp-contract=off"]
         ),
         Extension("edge_module._wal_sync", ["edge_module/_wal_sync.c"]),
+        Extension("edge_module._batch", ["edge_module/_batch.c"]),
     ],
     install_requires=read_requirements(HERE / "requirements-edge.in"),
     extras_require={"pipeline": read_requirements(HERE / "requirements.in")},

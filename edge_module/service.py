@@ -64,7 +64,14 @@ from turbofan_core.atomic_file import write_atomically
 from turbofan_core.capture import encode_device_messages, format_enqueued_time
 from turbofan_core.features import StreamingFeatures
 from turbofan_core.storage import ObjectStore
-from turbofan_core.telemetry import FAILURE, MEASUREMENTS, InvalidMessage, check_messages, parse_message
+from turbofan_core.telemetry import (
+    FAILURE,
+    MEASUREMENTS,
+    Fields,
+    InvalidMessage,
+    check_messages,
+    parse_message,
+)
 
 log = logging.getLogger(__name__)
 DESIRED_MODEL = "desired_model.json"  # the last model reference set, so a restart serves it again
@@ -256,9 +263,12 @@ class Edge:
         self.metrics.model_version.clear()
         self.metrics.model_version.labels(loaded.reference.version, loaded.reference.sha256).set(1)
 
-    def receive(self, messages: list[Incoming], durable: bool = True) -> list[dict]:
+    def receive(
+        self, messages: list[Incoming], durable: bool = True, fields: Fields | None = None
+    ) -> list[dict]:
         """Validate, score and durably record messages, each of the device its credential named
-        (with `durable` False, durable once `store.synced()` returns).
+        (with `durable` False, durable once `store.synced()` returns; `fields`: their bodies' fields,
+        taken already, see `check_messages`).
 
         In-order telemetry (the usual case) is scored as a batch: features for many devices at once
         and one model call, then one commit. A batch with a failure event or a late message is taken
@@ -268,7 +278,7 @@ class Edge:
             return []
         with self._lock:
             model = self.slot.current
-            checked, measurements = self._check(messages)
+            checked, measurements = self._check(messages, fields)
             accepted = [c for c in checked if c.entry is not None]
             scored = [c for c in accepted if not c.entry.failure]
             telemetry = [c.entry for c in scored]
@@ -308,13 +318,13 @@ class Edge:
             item.result["operating_regime"] = {"nearest": regime, "known": not unknown}
         self.metrics.unknown_regime.inc(int(far.sum()))
 
-    def _check(self, messages: list[Incoming]) -> tuple[list[_Checked], np.ndarray]:
+    def _check(self, messages: list[Incoming], fields: Fields | None) -> tuple[list[_Checked], np.ndarray]:
         """Validate (the contract's batch checks) and deduplicate, without changing any state; the
         checked messages and their measurements (a row each, NaN where refused or a failure event)."""
         # Incoming's fields, a column each, in the order of its definition.
         devices, bodies, properties, message_ids, types, encodings, parsed = zip(*messages, strict=True)
         ids = [m or _derived_id(d, b) for m, d, b in zip(message_ids, devices, bodies, strict=True)]
-        verdicts = check_messages(bodies, devices, properties, types, encodings, parsed)
+        verdicts = check_messages(bodies, devices, properties, types, encodings, parsed, fields)
         keys = list(zip(devices, ids, strict=True))
         seen = self.store.seen_many(keys)
         checked: list[_Checked] = []

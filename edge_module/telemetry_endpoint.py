@@ -13,10 +13,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 
+from edge_module import _batch
 from edge_module.auth import AuthError
 from edge_module.messages import Incoming
+from turbofan_core.telemetry import FIELDS, Fields
 
 if TYPE_CHECKING:
     from edge_module.service import Edge
@@ -47,7 +50,7 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         _check_content_type(headers.get("content-type", "application/json"))
         if len(body) > MAX_BODY_BYTES:
             raise Refused(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
-        items = messages(body, headers)
+        items, fields = messages(body, headers)
         authorization = headers.get("authorization")
         # Each token once: a gateway's batch repeats each device's token for all of its messages.
         tokens = dict.fromkeys(item[0] or authorization for item in items)
@@ -62,7 +65,7 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
             for token, raw, properties, message_id, parsed in items
         ]
         try:
-            results = edge.receive(incoming, durable=False)
+            results = edge.receive(incoming, durable=False, fields=fields)
             await edge.store.synced()
         except (sqlite3.Error, OSError) as error:
             raise Refused(503, f"could not store the messages durably, send them again: {error}") from None
@@ -88,44 +91,50 @@ def _check_content_type(value: str) -> None:
         raise Refused(415, f"content encoding {charset!r} is not 'utf-8'")
 
 
-def messages(body: bytes, headers: Mapping[str, str]) -> list[Message]:
+def messages(body: bytes, headers: Mapping[str, str]) -> tuple[list[Message], Fields | None]:
     """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id,
-    the body parsed when it is a JSON object, so the contract's checks need not parse it again).
+    the body parsed when it is a JSON object, so the contract's checks need not parse it again),
+    with a batch's bodies' fields (`check_messages`'s `fields`).
 
     A single message takes its id and properties from IoT Hub's REST headers. A batch item is a
     telemetry body, or an envelope {"body", "properties", "messageId", "authorization"}: a gateway
     batching many devices' messages gives each its device's SAS token; without one, the item is the
-    requesting device's (credential None).
+    requesting device's (credential None). A batch's bodies are forwarded as the bytes sent, and are
+    not parsed here: `_batch.split` takes their fields from the text.
     """
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None  # refused by the contract, with its reason
-    if not isinstance(parsed, list):
-        one = parsed if isinstance(parsed, dict) else None
-        return [(None, body, _header_properties(headers), headers.get("iothub-messageid"), one)]
-    if not parsed:
+    one: object = None
+    if body.lstrip()[:1] == b"[":
+        try:
+            split = _batch.split(body, FIELDS)
+        except ValueError as error:
+            raise Refused(422, str(error)) from None
+        if split is not None:
+            return _batch_messages(*split)
+    else:
+        try:
+            one = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass  # refused by the contract, with its reason
+    parsed = one if isinstance(one, dict) else None
+    return [(None, body, _header_properties(headers), headers.get("iothub-messageid"), parsed)], None
+
+
+def _batch_messages(
+    items: list[tuple[str | None, bytes, bytes | None, str | None]], table: bytes, plain: bytes
+) -> tuple[list[Message], Fields]:
+    if not items:
         raise Refused(422, "an empty batch: no message to take")
-    items: list[Message] = []
-    for index, item in enumerate(parsed):
-        if not isinstance(item, dict):
-            raise Refused(422, f"a batch holds JSON objects (bodies or envelopes); item {index} is not one")
-        if "body" not in item:
-            items.append((None, orjson.dumps(item), {}, None, item))
-            continue
-        properties = item.get("properties") or {}
-        message_id, token = item.get("messageId"), item.get("authorization")
-        if not isinstance(properties, dict):
-            raise Refused(422, f"item {index}: properties must be a JSON object")
-        if message_id is not None and not isinstance(message_id, str):
-            raise Refused(422, f"item {index}: messageId must be a string")
-        if token is not None and not isinstance(token, str):
-            raise Refused(422, f"item {index}: authorization must be a string")
-        if properties:  # most messages have none
-            properties = {str(k): str(v) for k, v in properties.items()}
-        inner = item["body"]
-        items.append((token, orjson.dumps(inner), properties, message_id, inner))
-    return items
+    messages: list[Message] = [
+        (token, raw, _properties(properties) if properties else {}, message_id, None)
+        for token, raw, properties, message_id in items
+    ]
+    fields = np.frombuffer(table).reshape(len(items), len(FIELDS)), np.frombuffer(plain, dtype=bool)
+    return messages, fields
+
+
+def _properties(text: bytes) -> dict[str, str]:
+    """An envelope's properties (a JSON object's text), each name and value as a str."""
+    return {str(name): str(value) for name, value in orjson.loads(text).items()}
 
 
 def _header_properties(headers: Mapping[str, str]) -> dict[str, str]:

@@ -156,6 +156,10 @@ class CheckedMessages:
     reasons: dict[int, str]  # refused message's index -> why
 
 
+# The FIELDS of each of a batch's bodies, taken without parsing them: a float64 row each, and
+# whether it is plain (`_contract.fields_table` says what that is; zeros where it is not).
+Fields = tuple[np.ndarray, np.ndarray]
+
 _USUAL_CONTENT_TYPES = {CONTENT_TYPE, None}
 _USUAL_ENCODINGS = {CONTENT_ENCODING, None}
 _EXACT_IN_FLOAT = 2**53  # a larger CycleTime is left to parse_message, which keeps it exact
@@ -173,27 +177,24 @@ def _loads(body: bytes) -> object:
         return None
 
 
-def _column_bodies(
+def _usual(
     bodies: Sequence[bytes | None],
     device_ids: Sequence[str | None],
     properties: Sequence[Mapping[str, str] | None],
     content_types: Sequence[str | None],
     content_encodings: Sequence[str | None],
-    parsed: Sequence[object],
-) -> list[object]:
-    """Each message's parsed body where the column path may take it, else None (parse_message will):
-    the usual message, with a device id, no `type` property but telemetry's (other properties are
-    information), a body, the usual content type and encoding."""
-    messages = zip(bodies, device_ids, properties, content_types, content_encodings, parsed, strict=True)
+) -> list[bool]:
+    """Whether each message is one the column path may take (else parse_message will): the usual
+    message, with a device id, no `type` property but telemetry's (other properties are information),
+    a body, the usual content type and encoding."""
+    messages = zip(bodies, device_ids, properties, content_types, content_encodings, strict=True)
     return [
-        (_loads(body) if value is None else value)
-        if device_id
+        bool(device_id)
         and (not props or props.get(TYPE_PROPERTY, TELEMETRY) == TELEMETRY)
-        and body
+        and bool(body)
         and content_type in _USUAL_CONTENT_TYPES
         and encoding in _USUAL_ENCODINGS
-        else None
-        for body, device_id, props, content_type, encoding, value in messages
+        for body, device_id, props, content_type, encoding in messages
     ]
 
 
@@ -204,11 +205,14 @@ def check_messages(
     content_types: Sequence[str | None],
     content_encodings: Sequence[str | None],
     parsed: Sequence[object] | None = None,
+    fields: Fields | None = None,
 ) -> CheckedMessages:
     """Validate a batch of messages, with parse_message's verdicts and reasons.
 
     `parsed` may give bodies a caller already parsed (what orjson.loads gives for the body; None
-    where it did not), so they are not parsed twice.
+    where it did not), so they are not parsed twice; `fields` may give the FIELDS of every body,
+    taken already from its JSON text as `_contract.fields_table` takes them from parsed bodies (the
+    edge's batch splitter does), so the bodies are not parsed at all unless they are refused.
 
     Ingestion validates every message, so the usual telemetry message (a device id, no `type`
     property but telemetry's, the usual content type, a JSON body holding every field as a plain
@@ -228,11 +232,21 @@ def check_messages(
     cycles = np.zeros(count, dtype=np.int64)
     measurements = np.full((count, len(MEASUREMENTS)), np.nan)
     others: Iterable[int] = range(count)
-    if count >= _COLUMNS_FROM:
-        objects = _column_bodies(bodies, device_ids, properties, content_types, content_encodings, parsed)
-        table = np.empty((count, len(FIELDS)))
-        plain = np.empty(count, dtype=bool)
-        _contract.fields_table(objects, FIELDS, table, plain)
+    if count >= _COLUMNS_FROM or fields is not None:
+        usual = _usual(bodies, device_ids, properties, content_types, content_encodings)
+        if fields is None:
+            table = np.empty((count, len(FIELDS)))
+            plain = np.empty(count, dtype=bool)
+            objects = [
+                (_loads(body) if value is None else value) if take else None
+                for body, value, take in zip(bodies, parsed, usual, strict=True)
+            ]
+            _contract.fields_table(objects, FIELDS, table, plain)
+        else:
+            table, plain = fields
+            if table.shape != (count, len(FIELDS)) or plain.shape != (count,):
+                raise ValueError("fields must hold a row of FIELDS and a plain flag per body")
+            plain = plain & np.array(usual, dtype=bool)
         accept = plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
         valid[accept] = True
         cycles[accept] = table[accept, 0]
