@@ -56,25 +56,12 @@ class DeviceFeatures:
 
     def features_many(self, entries: list[HistoryEntry], values: np.ndarray) -> np.ndarray:
         """Feature rows of in-order telemetry from many devices (see `in_order`; `values`: their
-        measurements, a row each), in rounds that update every device with a message at once: the
-        batch path, several times faster per message."""
-        rounds: list[list[int]] = []
-        depth: dict[str, int] = {}
-        for index, entry in enumerate(entries):
-            level = depth.get(entry.device_id, 0)
-            depth[entry.device_id] = level + 1
-            if level == len(rounds):
-                rounds.append([])
-            rounds[level].append(index)
-        vectors = np.empty((len(entries), len(self.spec.feature_names)))
-        values = values[:, self._columns]
-        for members in rounds:
-            batch = [entries[i] for i in members]
-            vectors[members] = self._engine.update_many(
-                [e.device_id for e in batch], [e.cycle for e in batch], values[members]
-            )
-            for entry in batch:
-                self._last_cycle[entry.device_id] = entry.cycle
+        measurements, a row each), in one call that takes them in arrival order: the batch path,
+        several times faster per message."""
+        devices = [entry.device_id for entry in entries]
+        cycles = [entry.cycle for entry in entries]
+        vectors = self._engine.update_many(devices, cycles, values[:, self._columns])
+        self._last_cycle.update(zip(devices, cycles, strict=True))  # a device's last message wins
         return vectors
 
     def failure(self, device_id: str) -> None:

@@ -346,8 +346,8 @@ class StreamingFeatures:
     """The edge engine: per-device state, one feature vector per telemetry message.
 
     Every device's state lives in a row of shared arrays (its last max_window values in a ring, the
-    oldest at `start`, its smoothed values, cycle and count), so that `update_many` moves a whole
-    round of devices and writes their feature rows in one call into C (`_windows.update`) instead
+    oldest at `start`, its smoothed values, cycle and count), so that `update_many` takes a whole
+    batch of messages and writes their feature rows in one call into C (`_windows.update`) instead
     of Python or numpy work per step, and a message writes its values into the ring instead of
     moving the window.
     """
@@ -401,14 +401,13 @@ class StreamingFeatures:
         return self.update_many([device_id], [cycle], x[None, :])[0]
 
     def update_many(self, device_ids: Sequence[str], cycles: Sequence[int], values: np.ndarray) -> np.ndarray:
-        """`update` for several devices at once (each at most once), one feature row per device.
+        """`update` for many messages at once, one feature row per message.
 
-        One call into C updates every device's state and computes its feature row, which is what
-        lets the edge score batches from many devices faster than one message at a time; the
-        result equals calling `update` for each in turn.
+        One call into C takes the messages in the order given (a device may have several) and
+        computes each one's feature row, which is what lets the edge score batches from many
+        devices faster than one message at a time; the result equals calling `update` for each
+        in turn.
         """
-        if len(set(device_ids)) != len(device_ids):
-            raise ValueError("update_many takes each device at most once; split repeats into rounds")
         x = np.asarray(values, dtype=np.float64)
         spec = self.spec
         if x.shape != (len(device_ids), len(spec.inputs)):
