@@ -57,7 +57,7 @@ def requests(count: int, first_cycle: int) -> list[list[Entry]]:
                 values = tuple(500.0 + cycle / 7 + d + i for i in range(len(MEASUREMENTS)))
                 body = encode_body({"CycleTime": cycle, **dict(zip(MEASUREMENTS, values, strict=True))})
                 batch.append((encode_record(device_message(device, body, when, {}, message_id)),
-                              HistoryEntry(device, message_id, cycle, values, False)))  # fmt: skip
+                              HistoryEntry.telemetry(device, message_id, cycle, values)))  # fmt: skip
         made.append(batch)
     return made
 

@@ -58,7 +58,7 @@ from edge_module.gateway import Gateway, GatewaySettings
 from edge_module.messages import Incoming
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
 from edge_module.scoring import DeviceFeatures
-from edge_module.store import DEFAULT_DEDUPE_WINDOW_SECONDS, EdgeStore, HistoryEntry
+from edge_module.store import DEFAULT_DEDUPE_WINDOW_SECONDS, EdgeStore, HistoryEntry, pack_entries
 from edge_module.telemetry_endpoint import TelemetryEndpoint
 from turbofan_core.atomic_file import write_atomically
 from turbofan_core.capture import encode_device_messages, format_enqueued_time
@@ -335,10 +335,10 @@ class Edge:
             verdicts.valid.tolist(),
             verdicts.cycles.tolist(),
             verdicts.failure.tolist(),
-            verdicts.measurements.tolist(),
+            pack_entries(verdicts.cycles, verdicts.measurements),
             strict=True,
         )
-        for index, (message, key, valid, cycle, failure, measurements) in enumerate(columns):
+        for index, (message, key, valid, cycle, failure, packed) in enumerate(columns):
             message_id = key[1]
             if not valid:
                 reason = verdicts.reasons[index]
@@ -353,7 +353,7 @@ class Edge:
                 item.forward = False  # forwarded the first time
                 continue
             seen.add(key)
-            item.entry = HistoryEntry(*key, cycle, () if failure else measurements, failure)
+            item.entry = HistoryEntry(*key, cycle, b"" if failure else packed, failure)
             item.result["status"] = "failure_event" if failure else "accepted_unscored"
         return checked, verdicts.measurements
 

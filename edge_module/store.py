@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import orjson
 
 from edge_module._wal_sync import Syncer
@@ -111,19 +112,41 @@ def _check_format(conn: sqlite3.Connection, path: Path) -> None:
 
 class HistoryEntry(NamedTuple):
     """One accepted message of a device, as its streaming features need it (a named tuple: the edge
-    makes one per message)."""
+    makes one per message). Its values travel packed, as the store keeps them: the edge packs a
+    batch's at once (`pack_entries`), and the store writes them as they are."""
 
     device_id: str
     message_id: str
     cycle: int
-    values: Sequence[float]  # MEASUREMENTS order; empty for a failure event (a list from the edge's
-    # checks, a tuple from the store: compare them as lists)
+    packed: bytes  # the cycle, then the MEASUREMENTS values (`_ENTRY`); empty for a failure event
     failure: bool
+
+    @classmethod
+    def telemetry(cls, device_id: str, message_id: str, cycle: int, values: Sequence[float]) -> HistoryEntry:
+        return cls(device_id, message_id, cycle, _ENTRY.pack(cycle, *values), False)
+
+    @classmethod
+    def failure_event(cls, device_id: str, message_id: str, cycle: int) -> HistoryEntry:
+        return cls(device_id, message_id, cycle, b"", True)
 
     @property
     def key(self) -> tuple[str, str]:
         """Its identity for dedupe."""
         return self.device_id, self.message_id
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """The MEASUREMENTS values (none for a failure event)."""
+        return _ENTRY.unpack(self.packed)[1:] if self.packed else ()
+
+
+def pack_entries(cycles: np.ndarray, values: np.ndarray) -> list[bytes]:
+    """`HistoryEntry.packed` of each cycle (int64) and row of MEASUREMENTS values (float64) at once:
+    one table's bytes cut in rows, where packing each message's 25 numbers cost 0.5 µs a message."""
+    table = np.empty(len(cycles), _ENTRY_ROW)
+    table["cycle"], table["values"] = cycles, values
+    data, size = table.tobytes(), _ENTRY.size
+    return [data[at : at + size] for at in range(0, len(data), size)]
 
 
 @dataclass(frozen=True)
@@ -136,7 +159,8 @@ class Shipment:
 
 
 _ENTRY = struct.Struct(f"=q{len(MEASUREMENTS)}d")  # a telemetry entry's cycle and values
-_VALUES = len(MEASUREMENTS)
+_CYCLE = struct.Struct("=q")  # an entry's first field
+_ENTRY_ROW = np.dtype([("cycle", "=i8"), ("values", "=f8", (len(MEASUREMENTS),))])  # the same, unaligned
 _OLDEST = "SELECT queued_at FROM outbox ORDER BY first_seq LIMIT 1"
 # Requests are queued in sequence order, so the last row holds the last number given (a lookup of
 # the primary key, where max() over an expression would read every row).
@@ -470,10 +494,10 @@ class EdgeStore:
         with self._transaction(durable, after_commit=lambda: self._apply(changes)) as conn:
             for record, entry in entries:
                 if entry is not None:
-                    device, message_id, cycle, values, failure = entry
-                    if len(values) != (0 if failure else _VALUES):
+                    device, message_id, cycle, packed, failure = entry
+                    if len(packed) != (0 if failure else _ENTRY.size):
                         kind = "failure" if failure else "telemetry"
-                        raise ValueError(f"a {kind} entry with {len(values)} values")
+                        raise ValueError(f"a {kind} entry of {len(packed)} bytes")
                     key = _key(device, message_id)
                     if key in seen or key in accepted:
                         flags.append(False)
@@ -487,7 +511,6 @@ class EdgeStore:
                         lifetimes[device] = changes.closed[device] = lifetime + 1
                         history[:] = [h for h in history if h[0] != device]
                     else:
-                        packed = _ENTRY.pack(cycle, *values)
                         vals.append(packed)
                         history.append((device, message_id, packed))
                 records.append(record)
@@ -534,10 +557,10 @@ class EdgeStore:
         """The device's telemetry since its last failure event, by cycle (then arrival)."""
         with self._lock:
             stored = list(self._history.get(device_id, {}).items())
-        entries = []
-        for message_id, packed in stored:
-            cycle, *values = _ENTRY.unpack(packed)
-            entries.append(HistoryEntry(device_id, message_id, cycle, tuple(values), False))
+        entries = [
+            HistoryEntry(device_id, message_id, _CYCLE.unpack_from(packed)[0], packed, False)
+            for message_id, packed in stored
+        ]
         return sorted(entries, key=lambda entry: entry.cycle)
 
     def devices(self) -> list[str]:

@@ -14,12 +14,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
 from edge_module import store as store_module
 from edge_module.forwarder import Forwarder, capture_file
-from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError, _WalSync
+from edge_module.store import EdgeStore, HistoryEntry, StoreFormatError, _WalSync, pack_entries
 from turbofan_core.capture import CaptureRecord, avro_file, device_message, encode_record, read_capture
 from turbofan_core.storage import LocalStore, ObjectStore
 from turbofan_core.telemetry import FAILURE, MEASUREMENTS, encode_body
@@ -44,13 +45,13 @@ def telemetry(device: str, message_id: str, cycle: int, base: float = 0.0) -> En
     values = tuple(base + cycle / 3 + k for k in range(len(MEASUREMENTS)))
     body = encode_body({"CycleTime": cycle, **dict(zip(MEASUREMENTS, values, strict=True))})
     record = device_message(device, body, T0 + timedelta(seconds=cycle), {}, message_id)
-    return encode_record(record), HistoryEntry(device, message_id, cycle, values, False)
+    return encode_record(record), HistoryEntry.telemetry(device, message_id, cycle, values)
 
 
 def failure(device: str, message_id: str, cycle: int) -> Entry:
     body = encode_body({"CycleTime": cycle})
     record = device_message(device, body, T0 + timedelta(seconds=cycle), {"type": FAILURE}, message_id)
-    return encode_record(record), HistoryEntry(device, message_id, cycle, (), True)
+    return encode_record(record), HistoryEntry.failure_event(device, message_id, cycle)
 
 
 def malformed(device: str, message_id: str) -> Entry:
@@ -91,15 +92,28 @@ def test_record_queues_every_record_and_drops_duplicates(store: EdgeStore) -> No
 
 
 def test_an_entry_must_hold_its_kinds_values(store: EdgeStore) -> None:
-    record, _ = telemetry("A", "m1", 1)
-    with pytest.raises(ValueError, match="a telemetry entry with 1 values"):
-        store.record([(record, HistoryEntry("A", "m1", 1, (1.0,), False))])
-    with pytest.raises(ValueError, match="a failure entry with 1 values"):
-        store.record([(record, HistoryEntry("A", "m1", 1, (1.0,), True))])
+    record, entry = telemetry("A", "m1", 1)
+    with pytest.raises(ValueError, match="a telemetry entry of 8 bytes"):
+        store.record([(record, entry._replace(packed=entry.packed[:8]))])
+    with pytest.raises(ValueError, match="a failure entry of 200 bytes"):
+        store.record([(record, entry._replace(failure=True))])
     assert outbox(store) == [] and not store.seen("A", "m1")
-    assert store.record([(record, HistoryEntry("A", "m1", 1, (1.0,) * 24, False))]) == [True]
-    with pytest.raises(ValueError, match="a telemetry entry with 2 values"):  # a duplicate too
-        store.record([(record, HistoryEntry("A", "m1", 1, (1.0, 2.0), False))])
+    assert store.record([(record, entry)]) == [True]
+    with pytest.raises(ValueError, match="a telemetry entry of 16 bytes"):  # a duplicate too
+        store.record([(record, entry._replace(packed=entry.packed[:16]))])
+
+
+def test_a_batchs_entries_packed_at_once_are_each_ones_packing() -> None:
+    """The edge packs a batch's values in one table (`pack_entries`): the same bytes as each alone."""
+    rng = np.random.default_rng(7)
+    cycles = rng.integers(1, 2**40, 50)
+    values = rng.normal(500, 300, (50, len(MEASUREMENTS)))
+    values[3, 5], values[4, 0] = -0.0, 1e-310  # a negative zero and a subnormal keep their bits
+    packed = pack_entries(cycles, values)
+    for cycle, row, one in zip(cycles.tolist(), values.tolist(), packed, strict=True):
+        entry = HistoryEntry.telemetry("A", "m", cycle, row)
+        assert one == entry.packed
+        assert entry._replace(packed=one).values == tuple(row)
 
 
 def test_a_group_is_recorded_whole_or_not_at_all(store: EdgeStore) -> None:
@@ -414,7 +428,7 @@ for group in range(10**6):
         values = {{name: float(n + k) for k, name in enumerate(MEASUREMENTS)}}
         body = encode_body({{"CycleTime": cycle, **values}})
         record = encode_record(device_message(device, body, t0 + timedelta(seconds=n), {{}}, message_id))
-        entries.append((record, HistoryEntry(device, message_id, cycle, tuple(values.values()), False)))
+        entries.append((record, HistoryEntry.telemetry(device, message_id, cycle, tuple(values.values()))))
     bad = encode_record(device_message("Client_000", b"{{", t0, {{}}, f"bad{{group:07d}}"))
     store.record([*entries, (bad, None), *resend])
     resend = entries[-1:]
