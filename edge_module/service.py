@@ -151,12 +151,14 @@ class _Checked:
         self.result = result  # the answer: {"message_id", ...}
         self.properties = message.properties  # forwarded with it: the device's, and once scored, the score
 
-    def score(self, row: list[float], model: LoadedModel) -> None:
-        point, low, high = row
-        version = model.reference.version
+
+def _score(items: list[_Checked], rows: list[list[float]], model: LoadedModel) -> None:
+    """Each item's answer and forwarded properties, given its row of RUL estimates (p50, p10, p90)."""
+    version = model.reference.version
+    for item, (point, low, high) in zip(items, rows, strict=True):
         rul = {"p50": point, "p10": low, "p90": high}
-        self.result.update(status="scored", rul=rul, model_version=version)
-        self.properties = {**self.properties, "rul_p50": f"{point:.3f}", "model_version": version}
+        item.result.update(status="scored", rul=rul, model_version=version)
+        item.properties = {**item.properties, "rul_p50": f"{point:.3f}", "model_version": version}
 
 
 class Edge:
@@ -289,8 +291,7 @@ class Edge:
                 if telemetry:
                     values = measurements[[c.index for c in scored]]
                     scores = model.bundle.predict_matrix(self._features.features_many(telemetry, values))
-                    for item, row in zip(scored, scores.tolist(), strict=True):
-                        item.score(row, model)
+                    _score(scored, scores.tolist(), model)
                     self._place_in_regimes(scored, model, values)
                 self._record(checked, durable)
             else:
@@ -299,7 +300,7 @@ class Edge:
                         self._features.failure(item.entry.device_id)
                     elif item.entry is not None:  # telemetry
                         scores = model.bundle.predict_matrix(self._features.features(item.entry))
-                        item.score(scores[0].tolist(), model)
+                        _score([item], scores.tolist(), model)
                         self._place_in_regimes([item], model, measurements[[item.index]])
                     self._record([item], durable)
         for status, count in Tally(item.result["status"] for item in checked).items():
