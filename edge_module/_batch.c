@@ -212,8 +212,7 @@ static int scan_number(Cursor *c, double *value, int *integer) {
     } else {
         for (; p < c->end && *p >= '0' && *p <= '9'; p++, digits++) {
             const uint64_t digit = (uint64_t)(*p - '0');
-            if (whole > (UINT64_MAX - digit) / 10) wide = 1;
-            whole = whole * 10 + digit;
+            wide |= __builtin_mul_overflow(whole, 10, &whole) | __builtin_add_overflow(whole, digit, &whole);
             if (digits < 19)
                 mantissa = mantissa * 10 + digit;
             else
