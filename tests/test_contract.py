@@ -259,6 +259,18 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
     for name in ("valid", "failure", "cycles", "measurements"):
         np.testing.assert_array_equal(getattr(given, name), getattr(checked, name))
 
+    # Fields taken from the bodies' text beforehand (the edge's batch splitter), none parsed: the
+    # same verdicts; the fields are fields_table's of the parsed bodies, as the splitter's test shows.
+    taken = _fields_table(bodies)
+    taken[0][~taken[1]] = 0.0  # what the splitter leaves in a row that is not plain
+    columns = [list(column) for column in zip(*cases, strict=True)]
+    unparsed = check_messages(*columns, fields=taken)
+    assert unparsed.reasons == checked.reasons
+    for name in ("valid", "failure", "cycles", "measurements"):
+        np.testing.assert_array_equal(getattr(unparsed, name), getattr(checked, name))
+    with pytest.raises(ValueError, match="a row of FIELDS and a plain flag per body"):
+        check_messages(*columns, fields=(taken[0][1:], taken[1]))
+
     # A message alone (an edge's single message) takes the per-message path: the same verdict.
     for index, case in enumerate(cases):
         alone = check_messages(*([value] for value in case), [bodies[index]])
