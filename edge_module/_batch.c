@@ -200,7 +200,8 @@ static const double EXACT_POWERS[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  
  * double is infinite (orjson refuses both); -1 on an error. */
 static int scan_number(Cursor *c, double *value, int *integer) {
     const char *p = c->p, *start = p;
-    int negative = 0, digits = 0, exponent = 0, exact = 1, wide = 0;
+    int negative = 0, exact = 1, wide = 0;
+    Py_ssize_t digits = 0, exponent = 0; /* a text's length bounds both */
     uint64_t mantissa = 0, whole = 0;
     if (*p == '-') {
         negative = 1;
@@ -241,11 +242,15 @@ static int scan_number(Cursor *c, double *value, int *integer) {
     if (p < c->end && (*p == 'e' || *p == 'E')) {
         *integer = 0;
         p++;
-        int sign = 1, power = 0;
+        Py_ssize_t sign = 1, power = 0;
         if (p < c->end && (*p == '+' || *p == '-')) sign = *p++ == '-' ? -1 : 1;
         if (p >= c->end || *p < '0' || *p > '9') return 0;
-        for (; p < c->end && *p >= '0' && *p <= '9'; p++)
-            if (power < 100000) power = power * 10 + (*p - '0');
+        for (; p < c->end && *p >= '0' && *p <= '9'; p++) {
+            if (power < 100000)
+                power = power * 10 + (*p - '0');
+            else
+                exact = 0; /* a power this large is read from the text */
+        }
         exponent += sign * power;
     }
     c->p = p;
@@ -416,7 +421,7 @@ static int skip_value(Cursor *c, int depth) {
 }
 
 /* Whether the JSON value at start..stop (scanned already) is falsy in Python once parsed:
- * null, false, 0, "", [] or {}. */
+ * null, false, 0, "", [] or {}; -1 on an error. */
 static int falsy(const char *start, const char *stop) {
     if (*start == 'n' || *start == 'f') return 1;
     if (*start == 't') return 0;
@@ -429,8 +434,11 @@ static int falsy(const char *start, const char *stop) {
     Cursor number = {.p = start, .end = stop}; /* a number, scanned already */
     double value;
     int integer;
-    return scan_number(&number, &value, &integer) == 1 && value == 0.0;
+    const int status = scan_number(&number, &value, &integer);
+    return status < 0 ? -1 : value == 0.0;
 }
+
+static PyObject *BatchRefused; /* the module's exception, made once at import */
 
 typedef struct {
     PyObject *items;    /* list of (credential, body, properties JSON or None, message id) */
@@ -456,12 +464,17 @@ fail:
     return -1;
 }
 
-/* An envelope's message id or credential: a str, or None (absent or null); NULL if neither. */
-static PyObject *optional_string(const char *start, const char *stop) {
-    if (start == NULL || *start == 'n') return Py_NewRef(Py_None);
-    if (*start != '"') return NULL;
-    int escaped = memchr(start, '\\', (size_t)(stop - start)) != NULL;
-    return string_object(start + 1, stop - 1, escaped);
+/* An envelope's message id or credential into *out: a str, or None (absent or null). 1, 0 if it
+ * is neither, -1 on an error. */
+static int optional_string(const char *start, const char *stop, PyObject **out) {
+    if (start == NULL || *start == 'n') {
+        *out = Py_NewRef(Py_None);
+        return 1;
+    }
+    if (*start != '"') return 0;
+    const int escaped = memchr(start, '\\', (size_t)(stop - start)) != NULL;
+    *out = string_object(start + 1, stop - 1, escaped);
+    return *out == NULL ? -1 : 1;
 }
 
 static int refuse(Batch *batch, const char *format, Py_ssize_t index) {
@@ -516,23 +529,20 @@ static int scan_item(Cursor *c, const Names *names, Batch *batch) {
     const char *body_start = enveloped ? spans[0][0] : item_start;
     const char *body_stop = enveloped ? spans[0][1] : c->p;
     PyObject *properties = NULL, *message_id = NULL, *credential = NULL, *body_bytes = NULL;
-    if (enveloped && spans[1][0] != NULL && !falsy(spans[1][0], spans[1][1])) {
-        if (*spans[1][0] != '{') {
-            if (refuse(batch, "item %zd: properties must be a JSON object", index) < 0) return -1;
-        } else
-            properties = PyBytes_FromStringAndSize(spans[1][0], spans[1][1] - spans[1][0]);
-    }
-    if (enveloped) {
-        message_id = optional_string(spans[2][0], spans[2][1]);
-        if (message_id == NULL && !PyErr_Occurred() &&
-            refuse(batch, "item %zd: messageId must be a string", index) < 0)
+    if (enveloped) { /* checked in this order, as the endpoint did before it split batches in C */
+        const int empty = spans[1][0] == NULL ? 1 : falsy(spans[1][0], spans[1][1]);
+        if (empty < 0) goto fail;
+        if (!empty && *spans[1][0] != '{' && refuse(batch, "item %zd: properties must be a JSON object", index) < 0)
             goto fail;
-        credential = optional_string(spans[3][0], spans[3][1]);
-        if (credential == NULL && !PyErr_Occurred() &&
-            refuse(batch, "item %zd: authorization must be a string", index) < 0)
+        if (!empty && *spans[1][0] == '{' &&
+            (properties = PyBytes_FromStringAndSize(spans[1][0], spans[1][1] - spans[1][0])) == NULL)
+            goto fail;
+        const int id = optional_string(spans[2][0], spans[2][1], &message_id);
+        if (id < 0 || (id == 0 && refuse(batch, "item %zd: messageId must be a string", index) < 0)) goto fail;
+        const int token = optional_string(spans[3][0], spans[3][1], &credential);
+        if (token < 0 || (token == 0 && refuse(batch, "item %zd: authorization must be a string", index) < 0))
             goto fail;
     }
-    if (PyErr_Occurred()) goto fail;
     body_bytes = PyBytes_FromStringAndSize(body_start, body_stop - body_start);
     if (body_bytes == NULL) goto fail;
     PyObject *item = PyTuple_Pack(4, credential ? credential : Py_None, body_bytes,
@@ -603,6 +613,12 @@ static PyObject *split(PyObject *Py_UNUSED(module), PyObject *args) {
             PyErr_Format(PyExc_ValueError, "a name is longer than %d bytes", MAX_NAME_BYTES);
             goto done;
         }
+        for (Py_ssize_t i = 0; i < j; i++) {
+            if (names.size[i] == names.size[j] && memcmp(names.text[i], names.text[j], (size_t)names.size[j]) == 0) {
+                PyErr_Format(PyExc_ValueError, "names must be distinct: %R twice", name);
+                goto done;
+            }
+        }
     }
     batch.items = PyList_New(0);
     if (batch.items == NULL) goto done;
@@ -612,7 +628,7 @@ static PyObject *split(PyObject *Py_UNUSED(module), PyObject *args) {
     if (status == 0) {
         result = Py_NewRef(Py_None);
     } else if (batch.refusal != NULL) {
-        PyErr_SetObject(PyExc_ValueError, batch.refusal);
+        PyErr_SetObject(BatchRefused, batch.refusal);
     } else {
         PyObject *table = PyBytes_FromStringAndSize((const char *)batch.table,
                                                     batch.count * names.k * (Py_ssize_t)sizeof(double));
@@ -638,7 +654,7 @@ static PyMethodDef methods[] = {
      "item: the body's exact bytes (the item itself when it has no body), the properties' JSON text "
      "(None when absent or empty), credential and message id a str or None. `table`: float64 bytes, "
      "a row of len(names) per item, the body's fields named `names`; `plain`: a byte per item, 1 where "
-     "its row is plain (see the module). None if `text` is not JSON; ValueError naming the first item "
+     "its row is plain (see the module). None if `text` is not JSON; BatchRefused naming the first item "
      "that is not an object or whose properties, messageId or authorization has the wrong type."},
     {NULL, NULL, 0, NULL},
 };
@@ -651,4 +667,15 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__batch(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__batch(void) {
+    PyObject *self = PyModule_Create(&module);
+    if (self == NULL) return NULL;
+    BatchRefused = PyErr_NewExceptionWithDoc("edge_module._batch.BatchRefused",
+                                             "A batch that is JSON but not a batch of messages: why.",
+                                             PyExc_ValueError, NULL);
+    if (BatchRefused == NULL || PyModule_AddObjectRef(self, "BatchRefused", BatchRefused) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return self;
+}

@@ -74,7 +74,8 @@ class DeviceFeatures:
         self._last_cycle.pop(device_id, None)
 
     def _values(self, entry: HistoryEntry) -> list[float]:
-        return [entry.values[i] for i in self._columns]
+        values = entry.values  # unpacked from the entry's bytes on each read
+        return [values[i] for i in self._columns]
 
     def _replay(self, device: str, entries: Iterable[HistoryEntry]) -> dict[int, np.ndarray]:
         """Rebuild a device's state from its lifetime in cycle order (a repeated cycle counts once,

@@ -106,7 +106,7 @@ def messages(body: bytes, headers: Mapping[str, str]) -> tuple[list[Message], Fi
     if body.lstrip()[:1] == b"[":
         try:
             split = _batch.split(body, FIELDS)
-        except ValueError as error:
+        except _batch.BatchRefused as error:
             raise Refused(422, str(error)) from None
         if split is not None:
             return _batch_messages(*split)

@@ -270,6 +270,8 @@ def test_batch_checks_give_parse_messages_verdict_for_every_message() -> None:
         np.testing.assert_array_equal(getattr(unparsed, name), getattr(checked, name))
     with pytest.raises(ValueError, match="a row of FIELDS and a plain flag per body"):
         check_messages(*columns, fields=(taken[0][1:], taken[1]))
+    with pytest.raises(ValueError, match="float64 rows and bool flags"):
+        check_messages(*columns, fields=(np.zeros(taken[0].shape, dtype=np.float32), taken[1]))
 
     # A message alone (an edge's single message) takes the per-message path: the same verdict.
     for index, case in enumerate(cases):

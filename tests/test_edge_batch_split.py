@@ -146,6 +146,10 @@ BODY = {"CycleTime": 7, **{name: 500.0 + index / 8 for index, name in enumerate(
         b'[{"Sensor1": .5}]',
         b'[{"Sensor1": +1}]',
         b'[{"Sensor1": 1e}]',
+        b'[{"Sensor1": 0.' + b"0" * 99999 + b"1e1000000}]",  # the exponent is read whole: infinite
+        b'[{"Sensor1": 1' + b"0" * 99999 + b"e-1000000}]",
+        b'[{"body": {}, "properties": 0.' + b"0" * 99999 + b"1e1000000}]",
+        b'[{"body": {}, "properties": 0.' + b"0" * 99999 + b"1e-1000000}]",
         b'[{"Sensor1": NaN}]',
         b'[{"Sensor1": Infinity}]',
         b'[{"Sensor1": 1,}]',
@@ -266,3 +270,12 @@ def test_random_batches_and_their_corruptions_split_as_orjson_parses_them() -> N
             for variant in corrupted:
                 if variant.lstrip()[:1] == b"[":  # what the endpoint splits
                     assert_same(variant)
+
+
+def test_a_refusal_is_its_own_exception_and_names_must_be_distinct() -> None:
+    with pytest.raises(_batch.BatchRefused, match="item 1 is not one"):
+        _batch.split(b"[{}, 5]", FIELDS)
+    assert issubclass(_batch.BatchRefused, ValueError)
+    with pytest.raises(ValueError, match="names must be distinct: 'CycleTime' twice") as refused:
+        _batch.split(b"[{}]", (*FIELDS, "CycleTime"))
+    assert not isinstance(refused.value, _batch.BatchRefused)  # a caller's mistake, not the batch's

@@ -246,6 +246,8 @@ def check_messages(
             table, plain = fields
             if table.shape != (count, len(FIELDS)) or plain.shape != (count,):
                 raise ValueError("fields must hold a row of FIELDS and a plain flag per body")
+            if table.dtype != np.float64 or plain.dtype != np.bool_:
+                raise ValueError("fields must be float64 rows and bool flags")
             plain = plain & np.array(usual, dtype=bool)
         accept = plain & np.isfinite(table).all(axis=1) & (table[:, 0] >= 1) & (table[:, 0] < _EXACT_IN_FLOAT)
         valid[accept] = True
