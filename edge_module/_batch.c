@@ -49,6 +49,10 @@ static void skip_space(Cursor *c) {
     while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
 }
 
+static int at_number(const Cursor *c) {
+    return c->p < c->end && (*c->p == '-' || (*c->p >= '0' && *c->p <= '9'));
+}
+
 static int hex4(const char *p, unsigned *value) {
     unsigned v = 0;
     for (int i = 0; i < 4; i++) {
@@ -352,7 +356,7 @@ static int member_key(Cursor *c, const char **start, const char **stop, int *esc
 static int take_member(Cursor *c, int depth, const Names *names, Fields *fields, const char *key,
                        Py_ssize_t length) {
     const Py_ssize_t j = length < 0 ? -1 : name_index(names, fields, key, length);
-    if (j >= 0 && c->p < c->end && (*c->p == '-' || (*c->p >= '0' && *c->p <= '9'))) {
+    if (j >= 0 && at_number(c)) {
         int integer;
         const int status = scan_number(c, &fields->row[j], &integer);
         fields->seen[j] = j == 0 && !integer ? 2 : 1;
@@ -390,7 +394,7 @@ static int skip_value(Cursor *c, int depth) {
         int escaped;
         return scan_string(c, &start, &stop, &escaped);
     }
-    if (ch == '-' || (ch >= '0' && ch <= '9')) {
+    if (at_number(c)) {
         double value;
         int integer;
         return scan_number(c, &value, &integer);
@@ -427,9 +431,9 @@ static int falsy(const char *start, const char *stop) {
     if (*start == 't') return 0;
     if (*start == '"') return stop - start == 2;
     if (*start == '[' || *start == '{') {
-        const char *p = start + 1;
-        while (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t') p++;
-        return p == stop - 1;
+        Cursor inside = {.p = start + 1, .end = stop};
+        skip_space(&inside);
+        return inside.p == stop - 1;
     }
     Cursor number = {.p = start, .end = stop}; /* a number, scanned already */
     double value;
@@ -579,7 +583,7 @@ static int scan_batch(Cursor *c, const Names *names, Batch *batch) {
             status = skip_value(c, 1);
             if (status > 0 &&
                 refuse(batch, "a batch holds JSON objects (bodies or envelopes); item %zd is not one",
-                       PyList_GET_SIZE(batch->items)) < 0)
+                       batch->count) < 0)
                 return -1;
         }
         if (status <= 0) return status;

@@ -72,7 +72,7 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
     except Refused as refused:
         return refused.status, orjson.dumps({"detail": refused.detail})
     edge.metrics.latency.observe(time.perf_counter() - started)
-    single = len(incoming) == 1 and not body.lstrip().startswith(b"[")
+    single = len(incoming) == 1 and not _is_batch(body)
     if single and results[0]["status"] == "refused":
         return 422, orjson.dumps({"detail": results[0]["reason"]})
     if single:
@@ -103,7 +103,7 @@ def messages(body: bytes, headers: Mapping[str, str]) -> tuple[list[Message], Fi
     not parsed here: `_batch.split` takes their fields from the text.
     """
     one: object = None
-    if body.lstrip()[:1] == b"[":
+    if _is_batch(body):
         try:
             split = _batch.split(body, FIELDS)
         except _batch.BatchRefused as error:
@@ -117,6 +117,11 @@ def messages(body: bytes, headers: Mapping[str, str]) -> tuple[list[Message], Fi
             pass  # refused by the contract, with its reason
     parsed = one if isinstance(one, dict) else None
     return [(None, body, _header_properties(headers), headers.get("iothub-messageid"), parsed)], None
+
+
+def _is_batch(body: bytes) -> bool:
+    """A JSON list is a batch, answered with a list, even when it is not valid JSON."""
+    return body.lstrip()[:1] == b"["
 
 
 def _batch_messages(
