@@ -13,7 +13,7 @@ from test_bundle import make_bundle
 
 from turbofan_core.bundle import BundleError
 from turbofan_core.features import FeatureSpec
-from turbofan_core.trees import PARALLEL_ROWS, TreeEnsemble, UnsupportedModel, read_model
+from turbofan_core.trees import MAX_FEATURES, PARALLEL_ROWS, TreeEnsemble, UnsupportedModel, read_model
 
 
 def _data(rows: int = 600, width: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +110,14 @@ def test_a_tree_whose_walk_would_not_end_or_read_past_the_row_is_refused() -> No
         tree[key][inner] = bad  # a loop back to the root, a child outside the tree, a 9th feature
         with pytest.raises(UnsupportedModel, match="malformed tree"):
             TreeEnsemble([model])
+
+
+def test_a_model_of_more_features_than_a_node_can_name_is_refused() -> None:
+    booster, _ = _train({"max_depth": 2}, rounds=1)
+    model = read_model(bytes(booster.save_raw("json")))
+    model["learner"]["learner_model_param"]["num_feature"] = str(MAX_FEATURES + 1)
+    with pytest.raises(UnsupportedModel, match="features"):
+        TreeEnsemble([model])
 
 
 def test_a_tree_of_an_output_the_model_does_not_have_is_refused() -> None:

@@ -21,33 +21,35 @@
 #include <stdint.h>
 
 /* One node in 16 bytes, so a step of the walk reads one cache line. Children are adjacent: a row
- * goes to `left` or `left + 1`. `feature` holds the split's feature and two flags: DEFAULT_LEFT
- * (where a missing value goes) and LEAF. A leaf is its own left child and never goes right, so a
- * walk that reaches it stays there: every walk of a tree takes the tree's depth in steps, without
- * a branch on where it is. */
+ * goes to `left` or `left + 1`, to the right when its value is at least `split`, or when it is
+ * missing (NaN) and `missing_right` is set. A leaf's children are its terminal pair, two copies of
+ * it whose children are the pair itself: a walk that reaches a leaf stays on its value, so every
+ * walk of a tree takes the tree's depth in steps, without a branch on where it is. */
 typedef struct {
     int32_t left;
-    uint32_t feature;
+    uint16_t feature;
+    uint8_t missing_right, pad;
     float split, leaf;
 } Node;
 
-#define DEFAULT_LEFT 0x80000000u
-#define LEAF 0x40000000u
-#define FEATURE_BITS 0x3FFFFFFFu
-#define LANES 8 /* rows walked through one tree together: their steps are independent */
+#define LANES 8      /* rows walked through one tree together: their steps are independent */
+/* Rows taken through every tree at a time: their features stay in cache, and threads sharing a call
+ * take blocks of them in turn, so neither waits long for the other at the end. */
+#define BLOCK_ROWS 32
 
-enum { X, NODES, ROOTS, DEPTHS, OUTPUTS, BASE, OUT, N_BUFFERS };
+enum { X, NODES, ROOTS, DEPTHS, OUTPUTS, BASE, OUT, NEXT, N_BUFFERS };
 
-static void walk(const Node *node, int32_t root, int32_t depth, const float *x, Py_ssize_t width,
-                 Py_ssize_t count, float *out, Py_ssize_t outputs) {
+/* Inlined where `count` is known, so the usual walk of LANES rows is unrolled. */
+static inline __attribute__((always_inline)) void walk(const Node *node, int32_t root, int32_t depth,
+                                                       const float *x, Py_ssize_t width, Py_ssize_t count,
+                                                       float *out, Py_ssize_t outputs) {
     int32_t at[LANES];
     for (Py_ssize_t k = 0; k < count; k++) at[k] = root;
     for (int32_t d = 0; d < depth; d++) {
         for (Py_ssize_t k = 0; k < count; k++) {
             const Node *n = node + at[k];
-            float v = x[k * width + (n->feature & FEATURE_BITS)];
-            int go_right = isnan(v) ? !(n->feature & DEFAULT_LEFT) : !(v < n->split);
-            at[k] = n->left + (go_right & !(n->feature & LEAF));
+            float v = x[k * width + n->feature];
+            at[k] = n->left + (isnan(v) ? n->missing_right : !(v < n->split));
         }
     }
     for (Py_ssize_t k = 0; k < count; k++) out[k * outputs] += node[at[k]].leaf;
@@ -63,8 +65,8 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_buffer b[N_BUFFERS] = {{0}};
     Py_ssize_t width;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*w*", &b[X], &width, &b[NODES], &b[ROOTS], &b[DEPTHS], &b[OUTPUTS],
-                          &b[BASE], &b[OUT]))
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*w*w*", &b[X], &width, &b[NODES], &b[ROOTS], &b[DEPTHS],
+                          &b[OUTPUTS], &b[BASE], &b[OUT], &b[NEXT]))
         return NULL;
     Py_ssize_t nodes = b[NODES].len / (Py_ssize_t)sizeof(Node), trees = b[ROOTS].len / 4;
     Py_ssize_t outputs = b[BASE].len / 4, rows = width > 0 ? b[X].len / 4 / width : 0;
@@ -75,8 +77,13 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
     if (size_is(&b[X], rows * width, 4, "x") < 0 ||
         size_is(&b[NODES], nodes, sizeof(Node), "nodes") < 0 || size_is(&b[ROOTS], trees, 4, "roots") < 0 ||
         size_is(&b[DEPTHS], trees, 4, "depths") < 0 ||
-        size_is(&b[OUTPUTS], trees, 4, "outputs") < 0 || size_is(&b[OUT], rows * outputs, 4, "out") < 0)
+        size_is(&b[OUTPUTS], trees, 4, "outputs") < 0 || size_is(&b[OUT], rows * outputs, 4, "out") < 0 ||
+        size_is(&b[NEXT], 1, 8, "next") < 0)
         goto done;
+    if ((uintptr_t)b[NEXT].buf % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "next must be aligned to 8 bytes");
+        goto done;
+    }
     const int32_t *roots = b[ROOTS].buf, *depths = b[DEPTHS].buf, *tree_output = b[OUTPUTS].buf;
     for (Py_ssize_t t = 0; t < trees; t++) { /* once per tree, outside the walk */
         if (roots[t] < 0 || roots[t] >= nodes || depths[t] < 0 || tree_output[t] < 0 || tree_output[t] >= outputs) {
@@ -88,15 +95,24 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
         const float *x = b[X].buf, *base = b[BASE].buf;
         const Node *node = b[NODES].buf;
         float *out = b[OUT].buf;
+        int64_t *next = b[NEXT].buf;
         Py_BEGIN_ALLOW_THREADS;
-        for (Py_ssize_t r = 0; r < rows; r++)
-            for (Py_ssize_t o = 0; o < outputs; o++) out[r * outputs + o] = base[o];
-        /* Tree by tree, so one tree's nodes stay in cache across the rows. */
-        for (Py_ssize_t t = 0; t < trees; t++) {
-            for (Py_ssize_t r = 0; r < rows; r += LANES) {
-                Py_ssize_t count = rows - r < LANES ? rows - r : LANES;
-                walk(node, roots[t], depths[t], x + r * width, width, count, out + r * outputs + tree_output[t],
-                     outputs);
+        /* Block by block, as the shared counter hands them out; tree by tree within a block, so one
+         * tree's nodes stay in cache across its rows. */
+        for (;;) {
+            Py_ssize_t block = (Py_ssize_t)__atomic_fetch_add(next, 1, __ATOMIC_RELAXED) * BLOCK_ROWS;
+            if (block >= rows) break;
+            Py_ssize_t end = rows - block < BLOCK_ROWS ? rows : block + BLOCK_ROWS;
+            for (Py_ssize_t r = block; r < end; r++)
+                for (Py_ssize_t o = 0; o < outputs; o++) out[r * outputs + o] = base[o];
+            for (Py_ssize_t t = 0; t < trees; t++) {
+                for (Py_ssize_t r = block; r < end; r += LANES) {
+                    float *o = out + r * outputs + tree_output[t];
+                    if (end - r >= LANES)
+                        walk(node, roots[t], depths[t], x + r * width, width, LANES, o, outputs);
+                    else
+                        walk(node, roots[t], depths[t], x + r * width, width, end - r, o, outputs);
+                }
             }
         }
         Py_END_ALLOW_THREADS;
@@ -110,11 +126,13 @@ done:
 
 static PyMethodDef methods[] = {
     {"predict", predict, METH_VARARGS,
-     "predict(x, width, nodes, roots, depths, outputs, base, out) -> None\n\n"
+     "predict(x, width, nodes, roots, depths, outputs, base, out, next) -> None\n\n"
      "Writes each row's outputs into `out` (float32, rows x outputs). `x` is float32, rows x width; "
-     "`nodes` holds every tree's nodes (int32 left child, uint32 feature with the flags, "
-     "float32 split, float32 leaf value); `roots`, `depths` and `outputs` (int32) give each tree's "
-     "root node, depth and output index; `base` (float32) each output's base score."},
+     "`nodes` holds every tree's nodes (int32 left child, uint16 feature, uint8 missing_right, a pad "
+     "byte, float32 split, float32 leaf value); `roots`, `depths` and `outputs` (int32) give each "
+     "tree's root node, depth and output index; `base` (float32) each output's base score. `next` "
+     "(one int64, 0 at first) counts the blocks of rows taken: threads that call this at once with "
+     "the same arguments share the rows out between them, each walking the blocks it takes."},
     {NULL, NULL, 0, NULL},
 };
 

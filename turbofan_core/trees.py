@@ -23,12 +23,15 @@ import numpy as np
 
 from turbofan_core import _trees
 
-_NODE = np.dtype([("left", "<i4"), ("feature", "<u4"), ("split", "<f4"), ("leaf", "<f4")])  # Node in _trees.c
-_DEFAULT_LEFT, _LEAF = np.uint32(0x80000000), np.uint32(0x40000000)
-# From this many rows two threads walk half of them each: the edge's gateway batches of 500 and the
-# pipeline's evaluation frames. Once a batch was split in C, the event loop's thread was the edge's
-# bottleneck with most of a core idle beside it, and this took the batch rate over HTTP from 45,800
-# to 49,800 msgs/s (docs/benchmarks.md); single messages walk on the calling thread.
+_NODE = np.dtype(  # Node in _trees.c
+    [("left", "<i4"), ("feature", "<u2"), ("missing_right", "u1"), ("pad", "u1")]
+    + [("split", "<f4"), ("leaf", "<f4")]
+)
+MAX_FEATURES = 1 << 16  # a node's feature is 16 bits
+# From this many rows two threads walk them, taking blocks of rows in turn: the edge's gateway batches
+# of 500 and the pipeline's evaluation frames. Once a batch was split in C, the event loop's thread
+# was the edge's bottleneck with most of a core idle beside it, and this took the batch rate over
+# HTTP from 45,800 to 49,800 msgs/s (docs/benchmarks.md); single messages walk on the calling thread.
 PARALLEL_ROWS = 256
 _RAW_SUM_OBJECTIVES = {"reg:squarederror", "reg:absoluteerror", "reg:quantileerror", "reg:pseudohubererror"}
 
@@ -178,6 +181,8 @@ class TreeEnsemble:
         if len(widths) != 1:
             raise UnsupportedModel(f"models take different numbers of features: {sorted(widths)}")
         self.num_features = widths.pop()
+        if self.num_features > MAX_FEATURES:
+            raise UnsupportedModel(f"{self.num_features} features (at most {MAX_FEATURES} are walked)")
         self.num_outputs = len(base_scores)
         laid_out = [_layout(tree, self.num_features) for tree in trees]
         sizes = np.array([len(nodes) for nodes, _ in laid_out])
@@ -194,18 +199,26 @@ class TreeEnsemble:
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} features per row, got {x.shape[1]}")
         out = np.empty((len(x), self.num_outputs), dtype=np.float32)
+        taken = np.zeros(1, dtype=np.int64)  # blocks of rows taken so far, by either thread
         if len(x) < PARALLEL_ROWS:
-            self._walk(x, out)
+            self._walk(x, out, taken)
             return out
-        half = len(x) // 2
-        other = _helper().submit(self._walk, x[half:], out[half:])
-        self._walk(x[:half], out[:half])
+        other = _helper().submit(self._walk, x, out, taken)
+        self._walk(x, out, taken)
         other.result()
         return out
 
-    def _walk(self, x: np.ndarray, out: np.ndarray) -> None:
+    def _walk(self, x: np.ndarray, out: np.ndarray, taken: np.ndarray) -> None:
         _trees.predict(
-            x, self.num_features, self._nodes, self._roots, self._depths, self._outputs, self._base, out
+            x,
+            self.num_features,
+            self._nodes,
+            self._roots,
+            self._depths,
+            self._outputs,
+            self._base,
+            out,
+            taken,
         )
 
 
@@ -218,11 +231,11 @@ def _helper() -> ThreadPoolExecutor:
 def _layout(tree: dict[str, Any], width: int) -> tuple[np.ndarray, int]:
     """One tree's nodes as `_trees.c` walks them, and its depth.
 
-    Breadth first from the root, so each node's children are adjacent (left, then right) and a
-    leaf points to itself (see Node in _trees.c). Only nodes reached from the root are kept; a
-    tree whose children are out of range, whose walk would not end (more nodes reached than the
-    tree has: a cycle), or whose splits read a feature the rows do not have, is refused: the C
-    walk trusts these indices.
+    Breadth first from the root, so each node's children are adjacent (left, then right); after
+    them, each leaf's terminal pair, two copies of it whose children are the pair itself (see Node
+    in _trees.c). Only nodes reached from the root are kept; a tree whose children are out of
+    range, whose walk would not end (more nodes reached than the tree has: a cycle), or whose splits
+    read a feature the rows do not have, is refused: the C walk trusts these indices.
     """
     left, right = np.asarray(tree["left_children"]).tolist(), np.asarray(tree["right_children"]).tolist()
     features = np.asarray(tree["split_indices"]).tolist()
@@ -233,20 +246,22 @@ def _layout(tree: dict[str, Any], width: int) -> tuple[np.ndarray, int]:
         if not 0 <= node < len(left) or len(order) > len(left):
             raise UnsupportedModel(f"malformed tree: node {node} of {len(left)} is out of range or repeated")
         if left[node] == -1:
-            children.append(position)
+            children.append(-1)  # its terminal pair's, below
             continue
         if not 0 <= features[node] < width:
             raise UnsupportedModel(f"malformed tree: a split on feature {features[node]} of {width}")
         children.append(len(order))
         order += [left[node], right[node]]
         levels += [levels[position] + 1] * 2
-    old = np.array(order)
-    leaf = np.array([left[node] == -1 for node in order])
-    nodes = np.zeros(len(order), dtype=_NODE)
-    nodes["left"] = children
-    nodes["feature"] = np.where(leaf, _LEAF, np.asarray(features)[old]) | np.where(
-        np.asarray(default_left, dtype=bool)[old], _DEFAULT_LEFT, 0
-    )
+    leaves = [position for position, child in enumerate(children) if child == -1]
+    pairs = len(order) + 2 * np.arange(len(leaves))  # each leaf's pair, after the tree's nodes
+    old = np.array(order + [order[position] for position in leaves for _ in range(2)])
+    leaf = np.array([left[node] == -1 for node in old.tolist()])
+    nodes = np.zeros(len(old), dtype=_NODE)
+    nodes["left"] = children + np.repeat(pairs, 2).tolist()
+    nodes["left"][leaves] = pairs
+    nodes["feature"] = np.where(leaf, 0, np.asarray(features)[old])
+    nodes["missing_right"] = ~np.asarray(default_left, dtype=bool)[old] & ~leaf
     nodes["split"] = np.where(leaf, 0, conditions[old])
     nodes["leaf"] = np.where(leaf, conditions[old], 0)
     return nodes, max(levels)
