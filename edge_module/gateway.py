@@ -34,7 +34,7 @@ import orjson
 
 from edge_module import mqtt
 from edge_module.auth import AuthError, token_expiry
-from edge_module.messages import Incoming
+from edge_module.messages import Arrivals, Incoming
 from turbofan_core.atomic_file import write_atomically
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class Gateway:
     def _record(self) -> None:
         pending, self._pending = self._pending, []
         try:
-            results = self.edge.receive([incoming for _, incoming, _ in pending], durable=False)
+            results = self.edge.receive(Arrivals.of([incoming for _, incoming, _ in pending]), durable=False)
         except Exception as error:  # nothing is acknowledged: the devices send the messages again
             if isinstance(error, (sqlite3.Error, OSError)):
                 log.warning("gateway: could not store %d messages: %s", len(pending), error)

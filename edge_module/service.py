@@ -55,7 +55,7 @@ from edge_module.auth import (
 )
 from edge_module.forwarder import Forwarder
 from edge_module.gateway import Gateway, GatewaySettings
-from edge_module.messages import Incoming
+from edge_module.messages import Arrivals
 from edge_module.model_slot import LoadedModel, ModelReference, ModelRefused, ModelSlot, load
 from edge_module.scoring import DeviceFeatures
 from edge_module.store import DEFAULT_DEDUPE_WINDOW_SECONDS, EdgeStore, HistoryEntry, pack_entries
@@ -136,29 +136,18 @@ class _Metrics:
         )
 
 
-class _Checked:
-    """One incoming message on its way through `Edge.receive`: its answer, and what to forward (a
-    plain class with slots: one is made per message)."""
+@dataclass
+class _Request:
+    """A request's messages on their way through `Edge.receive`, a list per column, a message being
+    its place in them: one object per request, where an object per message cost more than its work."""
 
-    __slots__ = ("index", "message", "message_id", "entry", "forward", "result", "properties")
-
-    def __init__(self, index: int, message: Incoming, message_id: str, result: dict[str, Any]) -> None:
-        self.index = index  # in the request
-        self.message = message
-        self.message_id = message_id  # the message's own, or one derived from its bytes
-        self.entry: HistoryEntry | None = None  # a valid, new message
-        self.forward = True
-        self.result = result  # the answer: {"message_id", ...}
-        self.properties = message.properties  # forwarded with it: the device's, and once scored, the score
-
-
-def _score(items: list[_Checked], rows: list[list[float]], model: LoadedModel) -> None:
-    """Each item's answer and forwarded properties, given its row of RUL estimates (p50, p10, p90)."""
-    version = model.reference.version
-    for item, (point, low, high) in zip(items, rows, strict=True):
-        rul = {"p50": point, "p10": low, "p90": high}
-        item.result.update(status="scored", rul=rul, model_version=version)
-        item.properties = {**item.properties, "rul_p50": f"{point:.3f}", "model_version": version}
+    arrivals: Arrivals
+    ids: list[str]  # each message's own id, or one derived from its bytes
+    results: list[dict[str, Any]]  # the answers
+    properties: list[dict[str, str]]  # forwarded with each: the device's, and once scored, the score
+    entries: list[HistoryEntry | None]  # a valid, new message's, else None
+    forward: list[bool]  # False for a duplicate: forwarded the first time
+    measurements: np.ndarray  # a row each, NaN where refused or a failure event
 
 
 class Edge:
@@ -265,9 +254,7 @@ class Edge:
         self.metrics.model_version.clear()
         self.metrics.model_version.labels(loaded.reference.version, loaded.reference.sha256).set(1)
 
-    def receive(
-        self, messages: list[Incoming], durable: bool = True, fields: Fields | None = None
-    ) -> list[dict]:
+    def receive(self, arrivals: Arrivals, durable: bool = True, fields: Fields | None = None) -> list[dict]:
         """Validate, score and durably record messages, each of the device its credential named
         (with `durable` False, durable once `store.synced()` returns; `fields`: their bodies' fields,
         taken already, see `check_messages`).
@@ -276,62 +263,75 @@ class Edge:
         and one model call, then one commit. A batch with a failure event or a late message is taken
         one message at a time, each committed before the next, so a replay sees what came before it.
         """
-        if not messages:
+        if not arrivals.bodies:
             return []
         with self._lock:
             model = self.slot.current
-            checked, measurements = self._check(messages, fields)
-            accepted = [c for c in checked if c.entry is not None]
-            scored = [c for c in accepted if not c.entry.failure]
-            telemetry = [c.entry for c in scored]
-            failures = len(scored) < len(accepted)
+            request = self._check(arrivals, fields)
+            entries = request.entries
+            new = [index for index, entry in enumerate(entries) if entry is not None]
+            telemetry = [index for index in new if not entries[index].failure]
+            everything = range(len(entries))
             if model is None or self._features is None:
-                self._record(checked, durable)
-            elif not failures and self._features.in_order(telemetry):
+                self._record(request, everything, durable)
+            elif len(telemetry) == len(new) and self._features.in_order([entries[i] for i in telemetry]):
                 if telemetry:
-                    values = measurements[[c.index for c in scored]]
-                    scores = model.bundle.predict_matrix(self._features.features_many(telemetry, values))
-                    _score(scored, scores.tolist(), model)
-                    self._place_in_regimes(scored, model, values)
-                self._record(checked, durable)
+                    values = request.measurements[telemetry]
+                    vectors = self._features.features_many([entries[i] for i in telemetry], values)
+                    self._score(request, telemetry, vectors, model)
+                self._record(request, everything, durable)
             else:
-                for item in checked:
-                    if item.entry is not None and item.entry.failure:
-                        self._features.failure(item.entry.device_id)
-                    elif item.entry is not None:  # telemetry
-                        scores = model.bundle.predict_matrix(self._features.features(item.entry))
-                        _score([item], scores.tolist(), model)
-                        self._place_in_regimes([item], model, measurements[[item.index]])
-                    self._record([item], durable)
-        for status, count in Tally(item.result["status"] for item in checked).items():
+                for index in everything:
+                    entry = entries[index]
+                    if entry is not None and entry.failure:
+                        self._features.failure(entry.device_id)
+                    elif entry is not None:  # telemetry
+                        self._score(request, [index], self._features.features(entry), model)
+                    self._record(request, [index], durable)
+        for status, count in Tally(result["status"] for result in request.results).items():
             self.metrics.messages.labels(status).inc(count)
-        return [item.result for item in checked]
+        return request.results
 
-    def _place_in_regimes(self, scored: list[_Checked], model: LoadedModel, values: np.ndarray) -> None:
-        """Name each scored message's operating regime (`values`: their measurements, a row each),
-        flagging (and counting) one whose settings lie far from every regime the model learnt: it
-        is scored all the same."""
+    def _score(self, request: _Request, indices: list[int], vectors: np.ndarray, model: LoadedModel) -> None:
+        """Score the telemetry messages at `indices` (`vectors`: their feature rows): each one's answer
+        and forwarded properties, and its operating regime when the model knows regimes."""
+        version = model.reference.version
+        rows = model.bundle.predict_matrix(vectors).tolist()
+        results, properties, ids, entries = request.results, request.properties, request.ids, request.entries
+        for index, (point, low, high) in zip(indices, rows, strict=True):
+            results[index] = {
+                "message_id": ids[index],
+                "cycle": entries[index].cycle,
+                "status": "scored",
+                "rul": {"p50": point, "p10": low, "p90": high},
+                "model_version": version,
+            }
+            properties[index] = {**properties[index], "rul_p50": f"{point:.3f}", "model_version": version}
+        self._place_in_regimes(request, indices, model)
+
+    def _place_in_regimes(self, request: _Request, indices: list[int], model: LoadedModel) -> None:
+        """Name each scored message's operating regime, flagging (and counting) one whose settings lie
+        far from every regime the model learnt: it is scored all the same."""
         regimes = model.bundle.spec.regimes
-        if regimes is None or not scored:
+        if regimes is None:
             return
-        nearest, far = regimes.assign(values[:, [MEASUREMENTS.index(name) for name in regimes.settings]])
-        for item, regime, unknown in zip(scored, nearest.tolist(), far.tolist(), strict=True):
-            item.result["operating_regime"] = {"nearest": regime, "known": not unknown}
+        columns = [MEASUREMENTS.index(name) for name in regimes.settings]
+        nearest, far = regimes.assign(request.measurements[np.ix_(indices, columns)])
+        for index, regime, unknown in zip(indices, nearest.tolist(), far.tolist(), strict=True):
+            request.results[index]["operating_regime"] = {"nearest": regime, "known": not unknown}
         self.metrics.unknown_regime.inc(int(far.sum()))
 
-    def _check(self, messages: list[Incoming], fields: Fields | None) -> tuple[list[_Checked], np.ndarray]:
-        """Validate (the contract's batch checks) and deduplicate, without changing any state; the
-        checked messages and their measurements (a row each, NaN where refused or a failure event)."""
-        # Incoming's fields, a column each, in the order of its definition.
-        devices, bodies, properties, message_ids, types, encodings, parsed = zip(*messages, strict=True)
+    def _check(self, arrivals: Arrivals, fields: Fields | None) -> _Request:
+        """Validate (the contract's batch checks) and deduplicate, without changing any state."""
+        devices, bodies, properties, message_ids, types, encodings, parsed = arrivals
         ids = [m or _derived_id(d, b) for m, d, b in zip(message_ids, devices, bodies, strict=True)]
         verdicts = check_messages(bodies, devices, properties, types, encodings, parsed, fields)
         keys = list(zip(devices, ids, strict=True))
         seen = self.store.seen_many(keys)
-        checked: list[_Checked] = []
+        results: list[dict[str, Any]] = []
+        entries: list[HistoryEntry | None] = []
         # Python lists: a numpy element read one at a time costs more than the whole conversion.
         columns = zip(
-            messages,
             keys,
             verdicts.valid.tolist(),
             verdicts.cycles.tolist(),
@@ -339,42 +339,40 @@ class Edge:
             pack_entries(verdicts.cycles, verdicts.measurements),
             strict=True,
         )
-        for index, (message, key, valid, cycle, failure, packed) in enumerate(columns):
-            message_id = key[1]
+        for index, (key, valid, cycle, failure, packed) in enumerate(columns):
             if not valid:
                 reason = verdicts.reasons[index]
                 self.metrics.rejections.labels(_rule(reason)).inc()
-                result = {"message_id": message_id, "status": "refused", "reason": reason}
-                checked.append(_Checked(index, message, message_id, result))
-                continue
-            item = _Checked(index, message, message_id, {"message_id": message_id, "cycle": cycle})
-            checked.append(item)
-            if key in seen:
-                item.result["status"] = "duplicate"
-                item.forward = False  # forwarded the first time
-                continue
-            seen.add(key)
-            item.entry = HistoryEntry(*key, cycle, b"" if failure else packed, failure)
-            item.result["status"] = "failure_event" if failure else "accepted_unscored"
-        return checked, verdicts.measurements
+                results.append({"message_id": key[1], "status": "refused", "reason": reason})
+                entries.append(None)
+            elif key in seen:
+                results.append({"message_id": key[1], "cycle": cycle, "status": "duplicate"})
+                entries.append(None)
+            else:
+                seen.add(key)
+                status = "failure_event" if failure else "accepted_unscored"
+                results.append({"message_id": key[1], "cycle": cycle, "status": status})
+                entries.append(HistoryEntry(*key, cycle, b"" if failure else packed, failure))
+        forward = [result["status"] != "duplicate" for result in results]
+        return _Request(arrivals, ids, results, list(properties), entries, forward, verdicts.measurements)
 
-    def _record(self, checked: list[_Checked], durable: bool) -> None:
-        """Commit what is to be forwarded (and the history it adds) in one transaction."""
-        forwarded = [c for c in checked if c.forward]
+    def _record(self, request: _Request, indices: range | list[int], durable: bool) -> None:
+        """Commit the messages at `indices` that are to be forwarded (and the history they add) in
+        one transaction."""
+        forwarded = [index for index in indices if request.forward[index]]
+        devices, bodies, _, _, types, encodings, _ = request.arrivals
+        properties, ids, entries = request.properties, request.ids, request.entries
         try:
             records = encode_device_messages(
                 format_enqueued_time(datetime.now(UTC)),  # one enqueued time for the request
-                [
-                    (m.device_id, m.body, c.properties, c.message_id, m.content_type, m.content_encoding)
-                    for c in forwarded
-                    for m in (c.message,)
-                ],
+                [(devices[i], bodies[i], properties[i], ids[i], types[i], encodings[i]) for i in forwarded],
             )
-            self.store.record(list(zip(records, [c.entry for c in forwarded], strict=True)), durable)
+            self.store.record(list(zip(records, [entries[i] for i in forwarded], strict=True)), durable)
         except Exception:
-            for item in forwarded:  # each device's state moved on for a message now lost
-                if item.entry is not None and self._features is not None:
-                    self._features.forget(item.entry.device_id)
+            for index in forwarded:  # each device's state moved on for a message now lost
+                entry = entries[index]
+                if entry is not None and self._features is not None:
+                    self._features.forget(entry.device_id)
             raise
 
     def refresh_metrics(self) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import orjson
 
 from edge_module import _batch
 from edge_module.auth import AuthError
-from edge_module.messages import Incoming
+from edge_module.messages import Arrivals
 from turbofan_core.telemetry import FIELDS, Fields
 
 if TYPE_CHECKING:
@@ -26,8 +26,22 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1 << 20  # a batch of a few thousand messages; larger is refused, not read
 
-# credential, raw body, properties, id, the body parsed (a JSON object) or None
-Message = tuple[str | None, bytes, dict[str, str], str | None, object]
+
+class Read(NamedTuple):
+    """A request's messages as read, before their devices are known: a list per field."""
+
+    credentials: list[str | None]  # each message's SAS token; None: the request's
+    bodies: list[bytes]  # as sent
+    properties: list[dict[str, str]]
+    message_ids: list[str | None]
+    parsed: list[object]  # a body parsed when it is a JSON object, so the contract need not parse it
+    fields: Fields | None  # a batch's bodies' fields (`check_messages`'s `fields`)
+
+    def arrivals(self, devices: list[str]) -> Arrivals:
+        """The messages, of the devices their credentials named, in JSON and UTF-8 (the content type
+        the request was checked for)."""
+        usual = [None] * len(devices)
+        return Arrivals(devices, self.bodies, self.properties, self.message_ids, usual, usual, self.parsed)
 
 
 class Refused(Exception):
@@ -50,29 +64,26 @@ async def answer(edge: Edge, body: bytes, headers: Mapping[str, str]) -> tuple[i
         _check_content_type(headers.get("content-type", "application/json"))
         if len(body) > MAX_BODY_BYTES:
             raise Refused(413, f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
-        items, fields = messages(body, headers)
+        read = messages(body, headers)
         authorization = headers.get("authorization")
         # Each token once: a gateway's batch repeats each device's token for all of its messages.
-        tokens = dict.fromkeys(item[0] or authorization for item in items)
+        tokens = dict.fromkeys(credential or authorization for credential in read.credentials)
         if authorization is not None:
             tokens[authorization] = None  # a header given is checked, even if every item has a token
         try:
             signers = edge.authenticate_each(list(tokens))
         except AuthError as error:
             raise Refused(401, error.reason) from None
-        incoming = [
-            Incoming(signers[token or authorization], raw, properties, message_id, parsed=parsed)
-            for token, raw, properties, message_id, parsed in items
-        ]
+        arrivals = read.arrivals([signers[credential or authorization] for credential in read.credentials])
         try:
-            results = edge.receive(incoming, durable=False, fields=fields)
+            results = edge.receive(arrivals, durable=False, fields=read.fields)
             await edge.store.synced()
         except (sqlite3.Error, OSError) as error:
             raise Refused(503, f"could not store the messages durably, send them again: {error}") from None
     except Refused as refused:
         return refused.status, orjson.dumps({"detail": refused.detail})
     edge.metrics.latency.observe(time.perf_counter() - started)
-    single = len(incoming) == 1 and not _is_batch(body)
+    single = len(results) == 1 and not _is_batch(body)
     if single and results[0]["status"] == "refused":
         return 422, orjson.dumps({"detail": results[0]["reason"]})
     if single:
@@ -91,10 +102,8 @@ def _check_content_type(value: str) -> None:
         raise Refused(415, f"content encoding {charset!r} is not 'utf-8'")
 
 
-def messages(body: bytes, headers: Mapping[str, str]) -> tuple[list[Message], Fields | None]:
-    """A JSON body (one message) or a JSON list (a batch) as (credential, raw body, properties, id,
-    the body parsed when it is a JSON object, so the contract's checks need not parse it again),
-    with a batch's bodies' fields (`check_messages`'s `fields`).
+def messages(body: bytes, headers: Mapping[str, str]) -> Read:
+    """A JSON body (one message) or a JSON list (a batch), read.
 
     A single message takes its id and properties from IoT Hub's REST headers. A batch item is a
     telemetry body, or an envelope {"body", "properties", "messageId", "authorization"}: a gateway
@@ -116,7 +125,8 @@ def messages(body: bytes, headers: Mapping[str, str]) -> tuple[list[Message], Fi
         except orjson.JSONDecodeError:
             pass  # refused by the contract, with its reason
     parsed = one if isinstance(one, dict) else None
-    return [(None, body, _header_properties(headers), headers.get("iothub-messageid"), parsed)], None
+    properties, message_id = _header_properties(headers), headers.get("iothub-messageid")
+    return Read([None], [body], [properties], [message_id], [parsed], None)
 
 
 def _is_batch(body: bytes) -> bool:
@@ -126,15 +136,13 @@ def _is_batch(body: bytes) -> bool:
 
 def _batch_messages(
     items: list[tuple[str | None, bytes, bytes | None, str | None]], table: bytes, plain: bytes
-) -> tuple[list[Message], Fields]:
+) -> Read:
     if not items:
         raise Refused(422, "an empty batch: no message to take")
-    messages: list[Message] = [
-        (token, raw, _properties(properties) if properties else {}, message_id, None)
-        for token, raw, properties, message_id in items
-    ]
+    credentials, bodies, properties, message_ids = (list(column) for column in zip(*items, strict=True))
     fields = np.frombuffer(table).reshape(len(items), len(FIELDS)), np.frombuffer(plain, dtype=bool)
-    return messages, fields
+    read = [_properties(text) if text else {} for text in properties]
+    return Read(credentials, bodies, read, message_ids, [None] * len(items), fields)
 
 
 def _properties(text: bytes) -> dict[str, str]:

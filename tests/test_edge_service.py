@@ -27,6 +27,7 @@ from test_bundle import make_bundle, rezip, with_rul
 from test_contract import MALFORMED
 
 from edge_module.auth import DeviceRegistry, make_sas_token
+from edge_module.messages import Arrivals
 from edge_module.service import Edge as EdgeService
 from edge_module.service import EdgeConfig
 from turbofan_core.bundle import ModelBundle, write_bundle
@@ -206,7 +207,7 @@ def test_streamed_predictions_equal_the_batch_models(edge: Edge, bundles, test_u
 def test_no_messages_get_no_answers_and_change_nothing(tmp_path: Path) -> None:
     service = EdgeService(EdgeConfig(state_dir=tmp_path))
     try:
-        assert service.receive([]) == []
+        assert service.receive(Arrivals.of([])) == []
         assert service.store.backlog() == (0, None)
     finally:
         service.store.close()
