@@ -19,6 +19,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* One node in 16 bytes, so a step of the walk reads one cache line. Children are adjacent: a row
  * goes to `left` or `left + 1`, to the right when its value is at least `split`, or when it is
@@ -96,26 +97,36 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
         const Node *node = b[NODES].buf;
         float *out = b[OUT].buf;
         int64_t *next = b[NEXT].buf;
+        /* A block's outputs are summed here, then copied out: rows of two blocks may share a cache line
+         * of `out`, and two threads adding to it tree after tree took turns owning that line. */
+        float *sums = PyMem_Malloc(BLOCK_ROWS * outputs * sizeof(float));
+        if (sums == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
         Py_BEGIN_ALLOW_THREADS;
         /* Block by block, as the shared counter hands them out; tree by tree within a block, so one
          * tree's nodes stay in cache across its rows. */
         for (;;) {
             Py_ssize_t block = (Py_ssize_t)__atomic_fetch_add(next, 1, __ATOMIC_RELAXED) * BLOCK_ROWS;
             if (block >= rows) break;
-            Py_ssize_t end = rows - block < BLOCK_ROWS ? rows : block + BLOCK_ROWS;
-            for (Py_ssize_t r = block; r < end; r++)
-                for (Py_ssize_t o = 0; o < outputs; o++) out[r * outputs + o] = base[o];
+            Py_ssize_t count = rows - block < BLOCK_ROWS ? rows - block : BLOCK_ROWS;
+            for (Py_ssize_t r = 0; r < count; r++)
+                for (Py_ssize_t o = 0; o < outputs; o++) sums[r * outputs + o] = base[o];
             for (Py_ssize_t t = 0; t < trees; t++) {
-                for (Py_ssize_t r = block; r < end; r += LANES) {
-                    float *o = out + r * outputs + tree_output[t];
-                    if (end - r >= LANES)
-                        walk(node, roots[t], depths[t], x + r * width, width, LANES, o, outputs);
+                for (Py_ssize_t r = 0; r < count; r += LANES) {
+                    const float *rows_x = x + (block + r) * width;
+                    float *o = sums + r * outputs + tree_output[t];
+                    if (count - r >= LANES)
+                        walk(node, roots[t], depths[t], rows_x, width, LANES, o, outputs);
                     else
-                        walk(node, roots[t], depths[t], x + r * width, width, end - r, o, outputs);
+                        walk(node, roots[t], depths[t], rows_x, width, count - r, o, outputs);
                 }
             }
+            memcpy(out + block * outputs, sums, count * outputs * sizeof(float));
         }
         Py_END_ALLOW_THREADS;
+        PyMem_Free(sums);
     }
     result = Py_NewRef(Py_None);
 done:
