@@ -12,7 +12,7 @@ class Incoming(NamedTuple):
     body: bytes
     properties: dict[str, str]  # application properties
     message_id: str | None
-    content_type: str | None = None  # None: application/json (the REST endpoint checked it)
+    content_type: str | None = None  # None: application/json
     content_encoding: str | None = None  # None: utf-8
     parsed: object = None  # the body as the transport already parsed it (a JSON object), not parsed again
 
