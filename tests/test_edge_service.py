@@ -27,7 +27,7 @@ from test_bundle import make_bundle, rezip, with_rul
 from test_contract import MALFORMED
 
 from edge_module.auth import DeviceRegistry, make_sas_token
-from edge_module.messages import Arrivals
+from edge_module.messages import Arrivals, Incoming
 from edge_module.service import Edge as EdgeService
 from edge_module.service import EdgeConfig
 from turbofan_core.bundle import ModelBundle, write_bundle
@@ -202,6 +202,17 @@ def test_streamed_predictions_equal_the_batch_models(edge: Edge, bundles, test_u
     first = bodies(test_units[test_units["device_id"] == DEVICES[0]])[0]
     status, again = edge.send(DEVICES[0], [{"body": first, "messageId": f"{DEVICES[0]}-1"}])
     assert status == 200 and again[0]["status"] == "duplicate"
+
+
+def test_arrivals_of_messages_hold_each_field_in_its_own_column() -> None:
+    first = Incoming("d1", b"{}", {"a": "1"}, "m1", "application/json", "utf-8", {"x": 1})
+    second = Incoming("d2", b"[]", {}, None)
+    arrivals = Arrivals.of([first, second])
+    assert arrivals.device_ids == ["d1", "d2"] and arrivals.bodies == [b"{}", b"[]"]
+    assert arrivals.properties == [{"a": "1"}, {}] and arrivals.message_ids == ["m1", None]
+    assert arrivals.content_types == ["application/json", None]
+    assert arrivals.content_encodings == ["utf-8", None] and arrivals.parsed == [{"x": 1}, None]
+    assert Arrivals.of([]) == Arrivals([], [], [], [], [], [], [])
 
 
 def test_no_messages_get_no_answers_and_change_nothing(tmp_path: Path) -> None:

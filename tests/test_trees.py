@@ -112,6 +112,20 @@ def test_a_tree_whose_walk_would_not_end_or_read_past_the_row_is_refused() -> No
             TreeEnsemble([model])
 
 
+def test_a_walk_handed_a_bad_block_count_walks_nothing_outside_its_rows() -> None:
+    """The C walk takes blocks of rows from a counter two threads share: a negative count is refused,
+    and one past the last block (however large) walks nothing, never rows outside the buffers."""
+    booster, x = _train({"max_depth": 3}, rounds=2)
+    trees = _ensemble(booster)
+    rows = np.ascontiguousarray(x[:40], dtype=np.float32)
+    out = np.full((len(rows), trees.num_outputs), 7.0, dtype=np.float32)
+    with pytest.raises(ValueError, match="not negative"):
+        trees._walk(rows, out, np.array([-1], dtype=np.int64))
+    for taken in (2, 1 << 58, (1 << 63) - 1):
+        trees._walk(rows, out, np.array([taken], dtype=np.int64))
+        assert (out == 7.0).all()
+
+
 def test_a_model_of_more_features_than_a_node_can_name_is_refused() -> None:
     booster, _ = _train({"max_depth": 2}, rounds=1)
     model = read_model(bytes(booster.save_raw("json")))

@@ -81,8 +81,8 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
         size_is(&b[OUTPUTS], trees, 4, "outputs") < 0 || size_is(&b[OUT], rows * outputs, 4, "out") < 0 ||
         size_is(&b[NEXT], 1, 8, "next") < 0)
         goto done;
-    if ((uintptr_t)b[NEXT].buf % 8 != 0) {
-        PyErr_SetString(PyExc_ValueError, "next must be aligned to 8 bytes");
+    if ((uintptr_t)b[NEXT].buf % 8 != 0 || __atomic_load_n((int64_t *)b[NEXT].buf, __ATOMIC_RELAXED) < 0) {
+        PyErr_SetString(PyExc_ValueError, "next must be aligned to 8 bytes and not negative");
         goto done;
     }
     const int32_t *roots = b[ROOTS].buf, *depths = b[DEPTHS].buf, *tree_output = b[OUTPUTS].buf;
@@ -108,8 +108,9 @@ static PyObject *predict(PyObject *Py_UNUSED(module), PyObject *args) {
         /* Block by block, as the shared counter hands them out; tree by tree within a block, so one
          * tree's nodes stay in cache across its rows. */
         for (;;) {
-            Py_ssize_t block = (Py_ssize_t)__atomic_fetch_add(next, 1, __ATOMIC_RELAXED) * BLOCK_ROWS;
-            if (block >= rows) break;
+            const int64_t taken = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+            if (taken < 0 || taken >= (rows + BLOCK_ROWS - 1) / BLOCK_ROWS) break; /* none left, or a bad count */
+            const Py_ssize_t block = (Py_ssize_t)taken * BLOCK_ROWS;
             Py_ssize_t count = rows - block < BLOCK_ROWS ? rows - block : BLOCK_ROWS;
             for (Py_ssize_t r = 0; r < count; r++)
                 for (Py_ssize_t o = 0; o < outputs; o++) sums[r * outputs + o] = base[o];

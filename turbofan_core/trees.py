@@ -30,8 +30,10 @@ _NODE = np.dtype(  # Node in _trees.c
 MAX_FEATURES = 1 << 16  # a node's feature is 16 bits
 # From this many rows two threads walk them, taking blocks of rows in turn: the edge's gateway batches
 # of 500 and the pipeline's evaluation frames. Once a batch was split in C, the event loop's thread
-# was the edge's bottleneck with most of a core idle beside it, and this took the batch rate over
-# HTTP from 45,800 to 49,800 msgs/s (docs/benchmarks.md); single messages walk on the calling thread.
+# was the edge's bottleneck with most of a core idle beside it: two threads walking half the rows
+# each took the batch rate over HTTP from 45,800 to 49,800 msgs/s, and blocks taken in turn, each
+# summed apart, a batch's walk from 2.6-2.8 to 1.9 µs a row (docs/benchmarks.md). Single messages
+# walk on the calling thread.
 PARALLEL_ROWS = 256
 _RAW_SUM_OBJECTIVES = {"reg:squarederror", "reg:absoluteerror", "reg:quantileerror", "reg:pseudohubererror"}
 
