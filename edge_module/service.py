@@ -271,13 +271,14 @@ class Edge:
             entries = request.entries
             new = [index for index, entry in enumerate(entries) if entry is not None]
             telemetry = [index for index in new if not entries[index].failure]
+            telemetry_entries = [entries[index] for index in telemetry]
             everything = range(len(entries))
             if model is None or self._features is None:
                 self._record(request, everything, durable)
-            elif len(telemetry) == len(new) and self._features.in_order([entries[i] for i in telemetry]):
+            elif len(telemetry) == len(new) and self._features.in_order(telemetry_entries):
                 if telemetry:
                     values = request.measurements[telemetry]
-                    vectors = self._features.features_many([entries[i] for i in telemetry], values)
+                    vectors = self._features.features_many(telemetry_entries, values)
                     self._score(request, telemetry, vectors, model)
                 self._record(request, everything, durable)
             else:
